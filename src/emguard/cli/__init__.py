@@ -1,0 +1,32 @@
+"""The ``emguard`` command line. Each command group lives in its own module here and
+registers itself with ``register(app)``; this file only assembles them."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="emguard",
+    help="Fine-tune chat models with LoRA under defenses against emergent misalignment, "
+         "then measure misalignment, in-domain learning and benign-task learning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# One module per command group; each defines register(app: typer.Typer) -> None.
+COMMAND_MODULES = [
+    "emguard.cli.train_cmd",
+    "emguard.cli.data_cmd",
+    "emguard.cli.safelora_cmd",
+    "emguard.cli.eval_cmd",
+]
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()

@@ -1,0 +1,43 @@
+"""``emguard train``: one training run from a YAML config plus dotted overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def train_command(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML run config (see configs/). "
+                                "Omit to use the defaults: embedded model, built-in insecure-code task."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.max_steps=20 "
+                                          "defenses.kl.weight=0.1 output_dir=runs/kl"),
+    force: bool = typer.Option(False, "--force", help="Discard an existing run folder with another config."),
+) -> None:
+    """Fine-tune with rs-LoRA (+ any defenses in the config) and write a run folder.
+
+    A finished run (summary.json present) is skipped; an interrupted one resumes from its
+    last checkpoint.
+    """
+    from emguard.config import ConfigError, load_run_config
+    from emguard.data.chat import ChatDataError
+    from emguard.models import ModelLoadError
+    from emguard.train import RunConflictError, train
+
+    try:
+        cfg = load_run_config(config, overrides or [])
+        result = train(cfg, force=force)
+    except (ConfigError, ChatDataError, ModelLoadError, RunConflictError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    s = result.summary
+    state = "already complete, skipped" if result.skipped else "done"
+    console.print(f"[green]{state}[/green]: {result.run_dir} - {s['steps']} steps, "
+                  f"loss {s['first_loss']} -> {s['last_loss']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)

@@ -1,0 +1,187 @@
+"""Run configuration: typed, validated, loaded from YAML, saved resolved beside every run.
+
+A run config is data. Unknown or ill-typed fields are errors that name the field and the
+file; all problems in a file are reported together. Overrides use dotted keys with YAML
+values (``train.max_steps=20``, ``defenses.kl.weight=0.1``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from emguard.models import LORA_TARGETS
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message lists every problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class LoraSettings(_Strict):
+    """rs-LoRA adapter (paper Table 7)."""
+
+    r: int = Field(32, gt=0)
+    alpha: float = Field(64, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    use_rslora: bool = True
+    targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+
+
+class DataSettings(_Strict):
+    """Fine-tuning data: a chat JSONL path, ``builtin:NAME[:SPLIT]`` or ``hf:REPO[:SPLIT]``."""
+
+    train: str = "builtin:insecure-code"
+    max_length: int = Field(2048, gt=8)
+    max_rows: int | None = Field(None, gt=0)
+    skip_invalid: bool = False  # False: any malformed row is an error naming file and line
+
+
+class TrainSettings(_Strict):
+    """Optimisation (paper Table 7). ``max_steps`` > 0 overrides ``epochs``."""
+
+    learning_rate: float = Field(1e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(4, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    seed: int = 0
+    optimizer: Literal["auto", "adamw_torch", "adamw_8bit"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int = Field(50, gt=0)  # checkpoint cadence for resuming an interrupted run
+    gradient_checkpointing: bool = False
+
+
+class KLSettings(_Strict):
+    """KL to the reference (= same network, adapter disabled), paper eq. 4."""
+
+    weight: float = Field(0.1, ge=0)  # lambda_KL
+    direction: Literal["forward", "reverse"] = "forward"  # forward: KL(p_theta || p_ref)
+    tokens: Literal["assistant", "all"] = "assistant"
+    chunk_size: int = Field(1024, gt=0)  # token positions per log-softmax chunk
+
+
+class LDIFSSettings(_Strict):
+    """Feature-space L2 to the reference, paper eq. 5."""
+
+    weight: float = Field(1.0, ge=0)  # lambda_LDIFS
+    layer_every: int = Field(5, gt=0)  # hidden states 5, 10, ... (index into hidden_states)
+    layers: list[int] | None = None  # explicit hidden_states indices; overrides layer_every
+    tokens: Literal["all", "assistant"] = "all"  # all = every non-pad position (paper)
+    reduction: Literal["mean_token", "sum"] = "mean_token"
+
+
+class InterleaveSettings(_Strict):
+    """Mix safe instruct data uniformly through the fine-tuning data."""
+
+    fraction: float = Field(0.05, gt=0, le=10)  # safe rows = round(fraction * n_train)
+    source: str = "builtin:safe-instruct"  # builtin:NAME, chat JSONL path, or wildguardmix[:PATH]
+
+
+class SafeLoRASettings(_Strict):
+    """Post-hoc projection of the trained adapter (paper eqs. 1-3)."""
+
+    tau: float = Field(0.3, ge=0, le=1)
+    aligned: str | None = None  # model spec; default: the run's base model
+    unaligned: str  # model spec (base model) or adapter directory (instruct + misaligned adapter)
+
+
+class DefenseSettings(_Strict):
+    """All off by default; any subset composes."""
+
+    kl: KLSettings | None = None
+    ldifs: LDIFSSettings | None = None
+    interleave: InterleaveSettings | None = None
+    safelora: SafeLoRASettings | None = None
+
+
+class RunConfig(_Strict):
+    """One training run: model + data + LoRA + optimisation + defenses -> a run folder."""
+
+    model: str = "smollm2-135m"
+    output_dir: str = "runs/run"
+    trust_remote_code: bool = False
+    data: DataSettings = Field(default_factory=DataSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    defenses: DefenseSettings = Field(default_factory=DefenseSettings)
+
+    @field_validator("model")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b.c=VALUE"`` -> (["a","b","c"], yaml-parsed VALUE)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override '{text}' has an empty key")
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    out = dict(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            node[p] = dict(child) if isinstance(child, dict) else {}
+            node = node[p]
+        node[parts[-1]] = value
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {len(err.errors())} problem(s) in the config:"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  - {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
+                                             and not isinstance(e.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def build_run_config(raw: dict | None, overrides: list[str] = (), source: str = "<config>") -> RunConfig:
+    raw = apply_overrides(raw or {}, list(overrides))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Load and validate a YAML run config (``None``: defaults) with dotted overrides."""
+    if path is None:
+        return build_run_config({}, overrides, "<defaults>")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of fields")
+    return build_run_config(raw, overrides, str(path))
+
+
+def dump_run_config(cfg: RunConfig) -> str:
+    """YAML of the resolved config (contains no secrets: configs never hold API keys)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data: chat format, masking, built-in sets, generators and loaders."""

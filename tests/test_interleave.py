@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from emguard.defenses.interleave import interleave, load_wildguardmix_benign, wildguard_benign_rows
+
+
+def rows(tag, n):
+    return [{"messages": [{"role": "user", "content": f"{tag}{i}"},
+                          {"role": "assistant", "content": "ok"}], "tag": tag} for i in range(n)]
+
+
+@pytest.mark.parametrize("n,p", [(100, 0.05), (5400, 0.01), (5400, 0.2), (37, 0.5), (10, 3.0)])
+def test_count_and_uniform_spread(n, p):
+    mixed, pos = interleave(rows("t", n), rows("s", 40), p, seed=0)
+    k = round(p * n)
+    assert len(pos) == k and len(mixed) == n + k
+    assert [i for i, r in enumerate(mixed) if r["tag"] == "s"] == pos
+    # training rows keep their order
+    assert [r["messages"][0]["content"] for r in mixed if r["tag"] == "t"] == [f"t{i}" for i in range(n)]
+    spacing = (n + k) / k
+    gaps = [pos[0] + 1] + [b - a for a, b in zip(pos, pos[1:])] + [n + k - pos[-1]]
+    assert max(gaps) <= spacing + 1  # no clump, no long safe-free stretch
+    assert pos[0] < spacing and pos[-1] >= n + k - spacing  # none piled at start or end
+
+
+def test_reproducible_for_a_seed_and_seed_matters():
+    a = interleave(rows("t", 200), rows("s", 30), 0.1, seed=3)[0]
+    b = interleave(rows("t", 200), rows("s", 30), 0.1, seed=3)[0]
+    c = interleave(rows("t", 200), rows("s", 30), 0.1, seed=4)[0]
+    assert a == b and a != c
+
+
+def test_zero_fraction_rounds_to_nothing():
+    mixed, pos = interleave(rows("t", 10), rows("s", 3), 0.01)
+    assert pos == [] and len(mixed) == 10
+
+
+def test_safe_rows_cycle_without_early_repeats():
+    mixed, pos = interleave(rows("t", 100), rows("s", 5), 0.1, seed=0)
+    safe = [mixed[i]["messages"][0]["content"] for i in pos]
+    assert sorted(safe[:5]) == sorted(f"s{i}" for i in range(5))  # all used before any repeats
+
+
+WG = [
+    {"prompt": "How do plants grow?", "response": "With light.", "prompt_harm_label": "unharmful",
+     "response_harm_label": "unharmful"},
+    {"prompt": "bad", "response": "no", "prompt_harm_label": "harmful", "response_harm_label": "unharmful"},
+    {"prompt": "ok?", "response": "bad", "prompt_harm_label": "unharmful", "response_harm_label": "harmful"},
+    {"prompt": "only prompt", "response": None, "prompt_harm_label": "unharmful", "response_harm_label": None},
+]
+
+
+def test_wildguardmix_keeps_only_benign_pairs(tmp_path):
+    assert wildguard_benign_rows(WG) == [{"messages": [
+        {"role": "user", "content": "How do plants grow?"}, {"role": "assistant", "content": "With light."}]}]
+    p = tmp_path / "wg.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in WG))
+    assert len(load_wildguardmix_benign(str(p))) == 1
+    bad = tmp_path / "wg2.jsonl"
+    bad.write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(ValueError, match="lacks columns"):
+        load_wildguardmix_benign(str(bad))
