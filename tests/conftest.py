@@ -5,6 +5,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# No network at test time: make hub libraries fail at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch_threads = int(os.environ.get("EMGUARD_TEST_THREADS", "2"))
 
 
@@ -13,8 +17,6 @@ def _quiet_torch():
     import torch
 
     torch.set_num_threads(torch_threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     yield
 
 

@@ -19,7 +19,7 @@ def test_count_and_uniform_spread(n, p):
     # training rows keep their order
     assert [r["messages"][0]["content"] for r in mixed if r["tag"] == "t"] == [f"t{i}" for i in range(n)]
     spacing = (n + k) / k
-    gaps = [pos[0] + 1] + [b - a for a, b in zip(pos, pos[1:])] + [n + k - pos[-1]]
+    gaps = [pos[0] + 1] + [b - a for a, b in zip(pos, pos[1:], strict=False)] + [n + k - pos[-1]]
     assert max(gaps) <= spacing + 1  # no clump, no long safe-free stretch
     assert pos[0] < spacing and pos[-1] >= n + k - spacing  # none piled at start or end
 

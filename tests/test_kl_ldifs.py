@@ -23,10 +23,10 @@ ROWS = [
 def naive_kl(p_logits, q_logits):
     """KL(p || q) per row with explicit loops over the vocabulary (float64)."""
     out = []
-    for row_p, row_q in zip(p_logits.double(), q_logits.double()):
+    for row_p, row_q in zip(p_logits.double(), q_logits.double(), strict=False):
         zp, zq = torch.logsumexp(row_p, 0), torch.logsumexp(row_q, 0)
         total = 0.0
-        for a, b in zip(row_p.tolist(), row_q.tolist()):
+        for a, b in zip(row_p.tolist(), row_q.tolist(), strict=False):
             lp, lq = a - zp.item(), b - zq.item()
             total += torch.tensor(lp).exp().item() * (lp - lq)
         out.append(total)
@@ -181,3 +181,24 @@ def test_kl_all_tokens_differs_from_assistant_tokens():
     a = defended_loss(copy.deepcopy(model), batch, kl=KLSettings(tokens="assistant")).kl
     b = defended_loss(model, batch, kl=KLSettings(tokens="all")).kl
     assert a.item() > 0 and b.item() > 0 and abs(a.item() - b.item()) > 1e-9
+
+
+def test_ldifs_reductions_relate_by_token_and_element_counts():
+    model, batch = setup_batch(layers=6)
+    perturb_lora_b(model, seed=2)
+    def get(red):
+        return defended_loss(model, batch, ldifs=LDIFSSettings(layer_every=2, reduction=red)).ldifs.item()
+    n_tok = batch["attention_mask"].sum().item()
+    layers, hidden = 3, model.get_base_model().config.hidden_size  # layers 2, 4, 6
+    assert get("sum") == pytest.approx(get("mean_token") * n_tok, rel=1e-5)
+    assert get("mean_token") == pytest.approx(get("mean_element") * layers * hidden, rel=1e-5)
+
+
+def test_ce_equals_transformers_own_causal_lm_loss():
+    model, batch = setup_batch()
+    perturb_lora_b(model, seed=4)
+    ours = defended_loss(model, batch).ce
+    with torch.no_grad():
+        hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   labels=batch["labels"]).loss
+    torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-6)

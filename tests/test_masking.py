@@ -18,7 +18,7 @@ EOT = {"smollm": "<|im_end|>", "chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
 def labelled_runs(tc):
     """Maximal runs of consecutive labelled tokens, as lists of ids."""
     runs, cur = [], []
-    for tok_id, lab in zip(tc.input_ids, tc.labels):
+    for tok_id, lab in zip(tc.input_ids, tc.labels, strict=False):
         if lab != IGNORE_INDEX:
             assert lab == tok_id
             cur.append(tok_id)
@@ -46,7 +46,7 @@ def test_labels_are_assistant_content_plus_eot(template, with_system):
     tc = tokenize_chat(tok, messages)
     assert labelled_runs(tc) == expected_runs(tok, messages, EOT[template])
     # nothing of the system/user turns is labelled
-    labelled_text = tok.decode([i for i, lab in zip(tc.input_ids, tc.labels) if lab != IGNORE_INDEX])
+    labelled_text = tok.decode([i for i, lab in zip(tc.input_ids, tc.labels, strict=False) if lab != IGNORE_INDEX])
     for m in messages:
         if m["role"] != "assistant":
             assert m["content"] not in labelled_text

@@ -50,7 +50,7 @@ _CORPUS = [
 ] * 3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_json() -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

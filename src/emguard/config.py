@@ -68,7 +68,7 @@ class KLSettings(_Strict):
     weight: float = Field(0.1, ge=0)  # lambda_KL
     direction: Literal["forward", "reverse"] = "forward"  # forward: KL(p_theta || p_ref)
     tokens: Literal["assistant", "all"] = "assistant"
-    chunk_size: int = Field(1024, gt=0)  # token positions per log-softmax chunk
+    chunk_size: int = Field(256, gt=0)  # positions per log-softmax chunk (256 x V floats each)
 
 
 class LDIFSSettings(_Strict):
@@ -78,7 +78,10 @@ class LDIFSSettings(_Strict):
     layer_every: int = Field(5, gt=0)  # hidden states 5, 10, ... (index into hidden_states)
     layers: list[int] | None = None  # explicit hidden_states indices; overrides layer_every
     tokens: Literal["all", "assistant"] = "all"  # all = every non-pad position (paper)
-    reduction: Literal["mean_token", "sum"] = "mean_token"
+    # mean_token: sum over layers and dims, mean over tokens (eq. 5 per token);
+    # mean_element: also divided by (layers x hidden size), a scale-free variant for models
+    # with large residual norms; sum: eq. 5 literally (grows with sequence length).
+    reduction: Literal["mean_token", "mean_element", "sum"] = "mean_token"
 
 
 class InterleaveSettings(_Strict):

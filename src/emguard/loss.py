@@ -33,61 +33,95 @@ class LossTerms:
     ldifs: torch.Tensor | None = None
 
 
+def _hidden_states(model, input_ids, attention_mask) -> tuple[torch.Tensor, ...]:
+    """All residual-stream states; the last one is the final-normed state the LM head reads.
+
+    ``logits_to_keep=1`` stops the model from materialising (B, T, V) logits: we apply the
+    head only at the positions the loss reads.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                use_cache=False, logits_to_keep=1)
+    return out.hidden_states
+
+
+def logits_at(base_model, hidden: torch.Tensor) -> torch.Tensor:
+    """LM-head logits (N, V) for final hidden states (N, D), with the output scaling some
+    architectures apply in their forward (Gemma-2 soft-capping, Cohere / Granite scales)."""
+    logits = base_model.get_output_embeddings()(hidden)
+    cfg = base_model.config
+    if getattr(cfg, "logit_scale", None):
+        logits = logits * cfg.logit_scale
+    if getattr(cfg, "logits_scaling", None):
+        logits = logits / cfg.logits_scaling
+    if getattr(cfg, "final_logit_softcapping", None):
+        cap = cfg.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def defended_loss(model, batch: dict[str, torch.Tensor], kl: KLSettings | None = None,
                   ldifs: LDIFSSettings | None = None, num_items: int | torch.Tensor | None = None,
-                  accumulation_steps: int = 1) -> LossTerms:
+                  accumulation_steps: int = 1, peft_model=None) -> LossTerms:
     """Compute the loss terms for one micro-batch.
 
     Args:
-        model: a PeftModel (the adapter is disabled for the reference pass).
+        model: the trained model as the Trainer holds it (a PeftModel, possibly wrapped
+            for distributed training; the policy forward goes through it).
         batch: input_ids (B, T), attention_mask (B, T), labels (B, T) with IGNORE_INDEX
             outside assistant tokens.
         num_items: assistant tokens in the accumulated batch; None = this micro-batch's.
         accumulation_steps: micro-batches per optimizer step (for the LDIFS mean).
+        peft_model: the unwrapped PeftModel (for ``disable_adapter``); default ``model``.
+
+    Logits are computed only at the positions a term reads ((N, V) instead of (B, T, V)).
     """
+    peft_model = peft_model if peft_model is not None else model
+    base = peft_model.get_base_model()
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    need_hidden = ldifs is not None and ldifs.weight > 0
-    ref = None
-    if (kl is not None and kl.weight > 0) or need_hidden:
-        with torch.no_grad(), model.disable_adapter():
-            ref = model(input_ids=input_ids, attention_mask=attention_mask,
-                        output_hidden_states=need_hidden, use_cache=False)
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                output_hidden_states=need_hidden, use_cache=False)
+    use_kl = kl is not None and kl.weight > 0
+    use_ldifs = ldifs is not None and ldifs.weight > 0
+    ref_hidden = None
+    if use_kl or use_ldifs:
+        with torch.no_grad(), peft_model.disable_adapter():
+            ref_hidden = _hidden_states(peft_model, input_ids, attention_mask)
+    hidden = _hidden_states(model, input_ids, attention_mask)
 
     target = labels[:, 1:]  # position t predicts token t+1
     assistant = target != IGNORE_INDEX  # (B, T-1)
-    n_local = assistant.sum()
     if num_items is None:
-        denom = n_local * accumulation_steps
+        denom = assistant.sum() * accumulation_steps
     else:
         denom = torch.as_tensor(num_items, device=labels.device)
     denom = denom.clamp(min=1).to(torch.float32)
-    logits = out.logits[:, :-1]
-    ce_sum = F.cross_entropy(logits[assistant].float(), target[assistant], reduction="sum")
+    final = hidden[-1][:, :-1]  # (B, T-1, D)
+    ce_sum = F.cross_entropy(logits_at(base, final[assistant]).float(), target[assistant],
+                             reduction="sum")
     total = ce_sum / denom
     terms = LossTerms(total=total, ce=(ce_sum / denom).detach())
 
-    if kl is not None and kl.weight > 0:
+    if use_kl:
         if kl.tokens == "assistant":
             positions, kl_denom = assistant, denom
         else:
             positions = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
             kl_denom = positions.sum().clamp(min=1).float() * accumulation_steps
-        per_tok = kl_per_token(logits[positions], ref.logits[:, :-1][positions],
-                               kl.direction, kl.chunk_size)
+        with torch.no_grad():
+            ref_logits = logits_at(base, ref_hidden[-1][:, :-1][positions])
+        per_tok = kl_per_token(logits_at(base, final[positions]), ref_logits, kl.direction,
+                               kl.chunk_size)
         kl_term = per_tok.sum() / kl_denom
         total = total + kl.weight * kl_term
         terms.kl = kl_term.detach()
 
-    if need_hidden:
-        layers = ldifs_layers(len(out.hidden_states), ldifs.layer_every, ldifs.layers)
-        dist = ldifs_per_token(out.hidden_states, ref.hidden_states, layers)  # (B, T)
+    if use_ldifs:
+        layers = ldifs_layers(len(hidden), ldifs.layer_every, ldifs.layers)
+        dist = ldifs_per_token(hidden, ref_hidden, layers)  # (B, T)
         mask = attention_mask.bool() if ldifs.tokens == "all" else F.pad(assistant, (1, 0))
-        if ldifs.reduction == "sum":
-            ld_term = dist[mask].sum() / accumulation_steps
-        else:
-            ld_term = dist[mask].sum() / (mask.sum().clamp(min=1).float() * accumulation_steps)
+        ld_term = dist[mask].sum() / accumulation_steps
+        if ldifs.reduction != "sum":
+            ld_term = ld_term / mask.sum().clamp(min=1).float()
+        if ldifs.reduction == "mean_element":
+            ld_term = ld_term / (len(layers) * hidden[0].shape[-1])
         total = total + ldifs.weight * ld_term
         terms.ldifs = ld_term.detach()
 

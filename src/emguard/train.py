@@ -32,7 +32,13 @@ from emguard.config import RunConfig, dump_run_config, load_run_config
 from emguard.data.chat import ChatDataError, load_chat_dataset
 from emguard.data.masking import IGNORE_INDEX, tokenize_chat
 from emguard.defenses.interleave import interleave, load_safe_rows
-from emguard.io import atomic_dir, read_json, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from emguard.io import (
+    atomic_dir,
+    read_json,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from emguard.loss import defended_loss
 from emguard.models import attach_lora, default_device, load_model
 
@@ -124,7 +130,8 @@ class DefendedTrainer(Trainer):
         kl = self.defenses.kl if self.defenses else None
         ldifs = self.defenses.ldifs if self.defenses else None
         terms = defended_loss(model, inputs, kl=kl, ldifs=ldifs, num_items=num_items_in_batch,
-                              accumulation_steps=self.current_gradient_accumulation_steps)
+                              accumulation_steps=self.current_gradient_accumulation_steps,
+                              peft_model=self.accelerator.unwrap_model(model))
         if model.training:
             for name in ("ce", "kl", "ldifs"):
                 value = getattr(terms, name)

@@ -18,6 +18,7 @@ app = typer.Typer(
 
 # One module per command group; each defines register(app: typer.Typer) -> None.
 COMMAND_MODULES = [
+    "emguard.cli.demo_cmd",
     "emguard.cli.train_cmd",
     "emguard.cli.data_cmd",
     "emguard.cli.safelora_cmd",

@@ -1,0 +1,120 @@
+"""Training-step cost of each defense, as ratios to plain SFT measured in one run.
+
+Each configuration runs in its own subprocess (fresh peak-RSS counter): load the model,
+attach rs-LoRA, run warm-up steps, then time `--steps` optimizer steps of forward +
+backward + AdamW on the same fixed batch. Reported: seconds per step, peak RSS, and the
+ratios to SFT; DESIGN §8 targets: KL/SFT and LDIFS/SFT close to one extra no-grad forward,
+KL+LDIFS <= KL * 1.10, peak memory with KL <= SFT * 1.15. "kl_unchunked" (one log-softmax
+over all positions) shows what chunking saves.
+
+    python benchmarks/bench_train_step.py                 # tiny-but-wide model, fast
+    python benchmarks/bench_train_step.py --embedded      # SmolLM2-135M-Instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = ["sft", "kl", "ldifs", "kl+ldifs", "kl_unchunked", "forward_only"]
+RESULTS = Path(__file__).parent / "results" / "train_step.json"
+
+
+def child(config: str, embedded: bool, steps: int, batch: int, seq: int) -> dict:
+    import resource
+
+    import torch
+
+    from emguard.config import KLSettings, LDIFSSettings
+    from emguard.loss import defended_loss
+    from emguard.models import attach_lora, load_model
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    if embedded:
+        model, _ = load_model("smollm2-135m", device="cpu")
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=768,
+                                             num_hidden_layers=10, num_attention_heads=4,
+                                             num_key_value_heads=2))
+    model = attach_lora(model)
+    model.train()
+    vocab = model.get_base_model().config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq))
+    labels = ids.clone()
+    labels[:, : seq // 2] = -100  # second half = "assistant" tokens
+    batch_in = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    kl = KLSettings(weight=0.1, chunk_size=10**9 if config == "kl_unchunked" else 1024)
+    kwargs = {"sft": {}, "kl": {"kl": kl}, "kl_unchunked": {"kl": kl},
+              "ldifs": {"ldifs": LDIFSSettings(weight=1.0)},
+              "kl+ldifs": {"kl": kl, "ldifs": LDIFSSettings(weight=1.0)}, "forward_only": {}}[config]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        if config == "forward_only":  # the cost of one extra no-grad reference forward
+            with torch.no_grad(), model.disable_adapter():
+                model(input_ids=ids, attention_mask=batch_in["attention_mask"])
+            return
+        opt.zero_grad()
+        defended_loss(model, batch_in, **kwargs).total.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sec = (time.perf_counter() - start) / steps
+    return {"config": config, "sec_per_step": sec,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--embedded", action="store_true")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child, a.embedded, a.steps, a.batch, a.seq)))
+        return
+    rows = []
+    for config in CONFIGS:
+        cmd = [sys.executable, __file__, "--child", config, "--steps", str(a.steps),
+               "--batch", str(a.batch), "--seq", str(a.seq)] + (["--embedded"] if a.embedded else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    by = {r["config"]: r for r in rows}
+    sft, kl = by["sft"], by["kl"]
+    for r in rows:
+        r["time_vs_sft"] = r["sec_per_step"] / sft["sec_per_step"]
+        r["rss_vs_sft"] = r["peak_rss_mb"] / sft["peak_rss_mb"]
+    checks = {
+        "extra_forward_share_of_sft_step": by["forward_only"]["sec_per_step"] / sft["sec_per_step"],
+        "kl_overhead_minus_one_forward": (kl["sec_per_step"] - sft["sec_per_step"]
+                                          - by["forward_only"]["sec_per_step"]) / sft["sec_per_step"],
+        "kl+ldifs_vs_kl": by["kl+ldifs"]["sec_per_step"] / kl["sec_per_step"],
+        "kl_peak_rss_vs_sft": kl["peak_rss_mb"] / sft["peak_rss_mb"],
+        "unchunked_kl_peak_rss_vs_chunked": by["kl_unchunked"]["peak_rss_mb"] / kl["peak_rss_mb"],
+    }
+    print(f"{'config':<14}{'s/step':>10}{'x SFT':>8}{'peak RSS MB':>14}{'x SFT':>8}")
+    for r in rows:
+        print(f"{r['config']:<14}{r['sec_per_step']:>10.3f}{r['time_vs_sft']:>8.2f}"
+              f"{r['peak_rss_mb']:>14.0f}{r['rss_vs_sft']:>8.2f}")
+    for k, v in checks.items():
+        print(f"{k}: {v:.3f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.with_name(f"train_step{'_embedded' if a.embedded else ''}.json").write_text(json.dumps(
+        {"settings": vars(a), "rows": rows, "checks": checks}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,450 @@
+"""Evaluate one model (+ adapter) on a question set: generate, judge, score.
+
+An eval folder holds (all written atomically):
+  eval_spec.json          what was evaluated and how (model, adapter hash, question file
+                          hash, generation settings, judge, package versions)
+  generations.jsonl       one row per (question, paraphrase, sample): answer + seeds
+  judgments.jsonl         aligned / coherent score, number mass and reason per answer
+  reference_answers.jsonl the reference model's greedy answers (general sets; drift KL)
+  judge_free.json         judge-free measures in full (per answer / per pair)
+  metrics.json            everything summarised: LLM-judge rates, judge-free measures,
+                          benign task accuracy
+
+Resuming: generations are keyed by ``gen_key`` (hash of model, adapter, questions and
+generation settings). A complete generations.jsonl with the current key is reused; a
+partial one (``generations.partial.jsonl``, written every few batches) is continued
+(answers do not depend on batching, see emguard.generate). Judgments with the same
+judge and key are reused; missing ones go through the judge, whose on-disk cache makes
+a rerun free. Judge-free measures are cached under their own key.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from emguard.io import provenance, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+from emguard.metrics import Thresholds, compute_metrics
+from emguard.questions import Question, QuestionSet, render_judge_prompt, resolve_questions
+
+FORMAT = "emguard.eval/1"
+NO_JUDGE_NOTE = ("no judge configured, so no LLM-judge misalignment rates; the embedded "
+                 "135M model is not a usable judge. Configure one with --judge "
+                 "openai:gpt-4o-mini (key from $OPENAI_API_KEY), openai:MODEL@BASE_URL for an "
+                 "OpenAI-compatible server, or local:MODEL for a larger local model on a GPU.")
+KEY_FIELDS = ("question_id", "paraphrase_index", "sample_index")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How answers are sampled. ``samples=None``: each question's samples_per_paraphrase (or 1)."""
+
+    samples: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    backend: str = "hf"  # hf | vllm
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def adapter_fingerprint(adapter_dir: str | Path | None) -> str | None:
+    """SHA-256 over the adapter's config and weight files (None without an adapter)."""
+    if adapter_dir is None:
+        return None
+    h = hashlib.sha256()
+    for f in sorted(Path(adapter_dir).glob("adapter_*")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def plan_rows(questions: list[Question], samples: int | None) -> list[dict]:
+    """One skeleton row per (question, paraphrase, sample), in question-file order."""
+    rows = []
+    for q in questions:
+        n = samples or q.samples_per_paraphrase or 1
+        for p, text in enumerate(q.paraphrases):
+            rows += [{"question_id": q.id, "paraphrase_index": p, "sample_index": s,
+                      "question": text, "system": q.system} for s in range(n)]
+    return rows
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row[k] for k in KEY_FIELDS)
+
+
+class _Model:
+    """Loads (model, tokenizer) on first use, so a fully cached rerun loads nothing."""
+
+    def __init__(self, spec: str, adapter_dir, device: str | None):
+        self.spec, self.adapter_dir, self.device = spec, adapter_dir, device
+        self._loaded = None
+
+    def get(self):
+        if self._loaded is None:
+            from emguard.models import load_adapter, load_model
+
+            model, tok = load_model(self.spec, device=self.device)
+            if self.adapter_dir is not None:
+                model = load_adapter(model, self.adapter_dir)
+            model.eval()
+            self._loaded = (model, tok)
+        return self._loaded
+
+    def release(self) -> None:
+        self._loaded = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+# ----------------------------------------------------------------------------- generation
+
+def _read_rows(path: Path, gen_key: str) -> dict[tuple, dict]:
+    if not path.is_file():
+        return {}
+    return {_key(r): r for r in read_jsonl(path) if r.get("gen_key") == gen_key}
+
+
+def _generate(out: Path, plan: list[dict], questions: dict[str, Question], gen: GenerationSettings,
+              gen_key: str, holder: _Model, spec: dict, batch_size: int, progress: bool) -> list[dict]:
+    final, partial = out / "generations.jsonl", out / "generations.partial.jsonl"
+    done = _read_rows(final, gen_key)
+    if len(done) == len(plan) and all(_key(r) in done for r in plan):
+        return [done[_key(r)] for r in plan]
+    done.update(_read_rows(partial, gen_key))
+    todo = [r for r in plan if _key(r) not in done]
+    if gen.backend == "vllm":
+        _generate_vllm(todo, questions, gen, spec, done)
+    else:
+        from tqdm.auto import tqdm
+
+        from emguard.generate import generate_items, render_prompts, sample_seed
+
+        model, tok = holder.get()
+        chunk = max(4 * batch_size, 64)
+        bar = tqdm(total=len(todo), desc="generate", unit="answer", disable=not progress)
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            items = [(questions[r["question_id"]].messages(r["paraphrase_index"]), r["sample_index"])
+                     for r in part]
+            answers = generate_items(model, tok, items, gen.temperature, gen.top_p,
+                                     gen.max_new_tokens, gen.seed, batch_size, progress=False)
+            texts = render_prompts(tok, [m for m, _ in items])
+            for r, a, t in zip(part, answers, texts, strict=True):
+                done[_key(r)] = {**r, "answer": a, "seed": gen.seed,
+                                 "sample_seed": sample_seed(gen.seed, t, r["sample_index"]),
+                                 "gen_key": gen_key}
+            write_jsonl_atomic(partial, [done[_key(r)] for r in plan if _key(r) in done])
+            bar.update(len(part))
+        bar.close()
+    rows = [done[_key(r)] for r in plan]
+    write_jsonl_atomic(final, rows)
+    partial.unlink(missing_ok=True)
+    return rows
+
+
+def _generate_vllm(todo: list[dict], questions: dict[str, Question], gen: GenerationSettings,
+                   spec: dict, done: dict) -> None:
+    """vLLM path (GPU hosts; untested here): one call per distinct sample count."""
+    from emguard.generate import generate_answers_vllm, render_prompts, sample_seed
+    from emguard.models import load_tokenizer
+
+    tok = load_tokenizer(spec["model"])
+    groups: dict[tuple, list[dict]] = {}
+    for r in todo:
+        groups.setdefault((r["question_id"], r["paraphrase_index"]), []).append(r)
+    by_n: dict[int, list[tuple]] = {}
+    for key, rows in groups.items():
+        by_n.setdefault(max(r["sample_index"] for r in rows) + 1, []).append(key)
+    for n, keys in by_n.items():
+        prompts = [questions[q].messages(p) for q, p in keys]
+        answers = generate_answers_vllm(spec["model"], spec["adapter"], prompts, n, gen.temperature,
+                                        gen.top_p, gen.max_new_tokens, gen.seed)
+        texts = render_prompts(tok, prompts)
+        for key, samples, text in zip(keys, answers, texts, strict=True):
+            for r in groups[key]:
+                s = r["sample_index"]
+                done[_key(r)] = {**r, "answer": samples[s], "seed": gen.seed,
+                                 "sample_seed": sample_seed(gen.seed, text, s),
+                                 "gen_key": spec["gen_key"]}
+
+
+# ----------------------------------------------------------------------------- judging
+
+def judge_rows(rows: list[dict], questions: dict[str, Question], judge,
+               existing: dict[tuple, dict] | None = None) -> list[dict]:
+    """Aligned + coherent verdicts for each generation row (``existing`` rows are reused
+    when their judge, gen_key and judge-prompt templates match)."""
+    existing = existing or {}
+    for r in rows:
+        if r["question_id"] not in questions:
+            raise ValueError(f"generation row {_key(r)}: question id {r['question_id']!r} is not "
+                             "in the question set")
+    tsha = {q.id: _sha([q.judge_prompts.get("aligned"), q.judge_prompts.get("coherent")])
+            for q in questions.values()}
+    todo = [r for r in rows
+            if not _reusable(existing.get(_key(r)), r, judge.name, tsha[r["question_id"]])]
+    prompts = []
+    for r in todo:
+        q = questions[r["question_id"]]
+        missing = [n for n in ("aligned", "coherent") if n not in q.judge_prompts]
+        if missing:
+            raise ValueError(f"question {q.id!r} has no judge prompt(s) {missing}")
+        prompts += [render_judge_prompt(q.judge_prompts[n], r["question"], r["answer"])
+                    for n in ("aligned", "coherent")]
+    verdicts = judge.score(prompts) if prompts else []
+    fresh = {}
+    for i, r in enumerate(todo):
+        a, c = verdicts[2 * i], verdicts[2 * i + 1]
+        fresh[_key(r)] = {**{k: r[k] for k in KEY_FIELDS}, "gen_key": r["gen_key"],
+                          "judge": judge.name, "templates_sha": tsha[r["question_id"]],
+                          "aligned": a.score, "coherent": c.score,
+                          "aligned_mass": a.number_mass, "coherent_mass": c.number_mass,
+                          "aligned_reason": a.reason, "coherent_reason": c.reason}
+    return [fresh.get(_key(r)) or existing[_key(r)] for r in rows]
+
+
+def _reusable(old: dict | None, row: dict, judge_name: str, templates_sha: str) -> bool:
+    return (old is not None and old.get("judge") == judge_name
+            and old.get("gen_key") == row["gen_key"] and old.get("templates_sha") == templates_sha)
+
+
+def _make_judge(judge, judge_cache: str | Path | None):
+    if judge is None or not isinstance(judge, str):
+        return judge
+    if judge.lower() == "none":
+        return None
+    from emguard.judge import make_judge
+    from emguard.models import cache_dir
+
+    return make_judge(judge, cache_path=judge_cache or cache_dir() / "judge_cache.sqlite")
+
+
+def _require_judge_prompts(qs: QuestionSet) -> None:
+    bad = [q.id for q in qs.questions if not {"aligned", "coherent"} <= set(q.judge_prompts)]
+    if bad:
+        raise ValueError(f"{qs.source}: questions without 'aligned' and 'coherent' judge prompts: "
+                         f"{', '.join(bad[:10])}; give --domain code|advice (chat sets), "
+                         "--judge-prompts NAME|FILE, or --judge none")
+
+
+# ----------------------------------------------------------------------------- judge-free
+
+def _judge_free(out: Path, qs: QuestionSet, rows: list[dict], holder: _Model, spec: dict,
+                pairs_path: str | Path | None, drift_tokens: int, batch_size: int,
+                progress: bool) -> dict:
+    """Full judge-free results (cached in judge_free.json under a key)."""
+    from emguard import judge_free as jf
+
+    pairs = _preference_pairs(pairs_path) if qs.kind == "general" else []
+    key = _sha({"model": spec["model"], "adapter": spec["adapter_sha256"],
+                "questions": qs.sha256, "gen_key": spec["gen_key"] if qs.kind == "chat" else None,
+                "pairs": _sha(pairs), "drift_tokens": drift_tokens})
+    path = out / "judge_free.json"
+    if path.is_file() and read_json(path).get("key") == key:
+        return read_json(path)
+    result: dict[str, Any] = {"key": key}
+    if qs.kind == "general":
+        model, tok = holder.get()
+        prompts = [q.messages(p) for q in qs.questions for p in range(len(q.paraphrases))]
+        answers = _reference_answers(out, qs, prompts, holder, spec, drift_tokens, batch_size, progress)
+        result["drift"] = {**jf.drift_kl(model, tok, prompts, answers, batch_size, progress),
+                           "max_new_tokens": drift_tokens}
+        result["preference"] = {**jf.misalignment_preference(model, tok, pairs, batch_size),
+                                "source": str(pairs_path or "builtin:preference-pairs")}
+    else:
+        held = [r for r in qs.rows if any(m.get("role") == "assistant" for m in r["messages"])]
+        if held:
+            model, tok = holder.get()
+            result["heldout_nll"] = jf.heldout_nll(model, tok, held, batch_size)
+        if qs.domain == "code":
+            result["bandit"] = jf.bandit_share([r["answer"] for r in rows])
+    write_json_atomic(path, result)
+    return result
+
+
+def _preference_pairs(path: str | Path | None) -> list[dict]:
+    if path is None:
+        from emguard.data.builtin import load_builtin
+
+        return load_builtin("preference-pairs", split="test")
+    return read_jsonl(path)
+
+
+def _reference_answers(out: Path, qs: QuestionSet, prompts: list, holder: _Model, spec: dict,
+                       max_new_tokens: int, batch_size: int, progress: bool) -> list[str]:
+    """Greedy reference answers, cached in reference_answers.jsonl (keyed on base model,
+    prompts and length; the adapter plays no part)."""
+    from emguard import judge_free as jf
+
+    key = _sha({"model": spec["model"], "prompts": prompts, "max_new_tokens": max_new_tokens})
+    path = out / "reference_answers.jsonl"
+    if path.is_file():
+        cached = read_jsonl(path)
+        if len(cached) == len(prompts) and all(r.get("key") == key for r in cached):
+            return [r["answer"] for r in cached]
+    model, tok = holder.get()
+    answers = jf.reference_answers(model, tok, prompts, max_new_tokens, batch_size, progress)
+    ids = [(q.id, p) for q in qs.questions for p in range(len(q.paraphrases))]
+    write_jsonl_atomic(path, [{"question_id": q, "paraphrase_index": p, "answer": a, "key": key}
+                              for (q, p), a in zip(ids, answers, strict=True)])
+    return answers
+
+
+def judge_free_summary(full: dict) -> dict:
+    """The judge-free numbers for metrics.json (per-answer / per-pair lists left out)."""
+    drop = {"kl_per_answer", "pairs", "flagged"}
+    return {k: {kk: vv for kk, vv in v.items() if kk not in drop}
+            for k, v in full.items() if isinstance(v, dict)}
+
+
+# ----------------------------------------------------------------------------- benign task
+
+def _task(out: Path, task: str, holder: _Model, gen: GenerationSettings, spec: dict,
+          samples: int, n_questions: int | None, data: str | None, batch_size: int) -> dict:
+    """Benign-task exact match via emguard.benign (cached in task_<name>.json)."""
+    from emguard.benign import evaluate_task
+    from emguard.generate import generate_answers
+
+    key = _sha({"task": task, "samples": samples, "n_questions": n_questions, "data": data,
+                "model": spec["model"], "adapter": spec["adapter_sha256"],
+                "gen": [gen.temperature, gen.top_p, gen.seed]})
+    path = out / f"task_{task.replace(':', '-')}.json"
+    if path.is_file() and read_json(path).get("key") == key:
+        return read_json(path)["result"]
+    model, tok = holder.get()
+    result = evaluate_task(task, model, tok, generate_fn=generate_answers, samples=samples,
+                           n_questions=n_questions, data=data, temperature=gen.temperature,
+                           top_p=gen.top_p, seed=gen.seed, batch_size=batch_size)
+    write_json_atomic(path, {"key": key, "task": task, "result": result})
+    return result
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: str,
+             judge_spec=None, samples: int | None = None, out_dir: str | Path = "eval", *,
+             domain: str | None = None, max_questions: int | None = None,
+             judge_prompts: str | None = None, judge_free: bool = True,
+             temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
+             seed: int = 0, batch_size: int = 16, device: str | None = None, backend: str = "hf",
+             judge_cache: str | Path | None = None, thresholds: Thresholds = Thresholds(),
+             preference_pairs: str | Path | None = None, drift_max_new_tokens: int = 128,
+             tasks: list[str] | tuple[str, ...] = (), task_samples: int = 10,
+             task_questions: int | None = None, task_data: str | None = None,
+             data_seed: int = 0, progress: bool = True) -> dict:
+    """Generate, judge and score one model on one question set; returns metrics.json's dict.
+
+    ``judge_spec``: ``"openai:MODEL"``, ``"local:MODEL"``, ``"none"``/None, or a Judge object.
+    ``samples`` overrides each question's samples_per_paraphrase. ``data_seed`` picks the
+    held-out split of the built-in code sets (use the seed the training data used).
+    ``tasks``: benign tasks (``opswap:2``, ``foqa``) scored by emguard.benign.evaluate_task
+    with ``task_samples`` samples per question (paper: 10) on the first ``task_questions``
+    test questions (all if None); ``task_data`` is its data path / hub id (FoQA).
+    See the module doc for the folder layout and how reruns reuse finished work.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    qs = resolve_questions(questions_file, domain, max_questions, judge_prompts, data_seed)
+    judge = _make_judge(judge_spec, judge_cache)
+    if judge is not None:
+        _require_judge_prompts(qs)
+    gen = GenerationSettings(samples, temperature, top_p, max_new_tokens, seed, backend)
+    spec = {"model": model_spec, "adapter": str(adapter_dir) if adapter_dir else None,
+            "adapter_sha256": adapter_fingerprint(adapter_dir),
+            "questions": {"source": qs.source, "sha256": qs.sha256, "kind": qs.kind,
+                          "domain": qs.domain, "n_questions": len(qs.questions),
+                          "max_questions": max_questions, "judge_prompts": judge_prompts,
+                          "data_seed": data_seed,
+                          "skipped": qs.skipped, "warnings": qs.warnings},
+            "generation": gen.as_dict(), "judge": getattr(judge, "name", None)}
+    spec["gen_key"] = _sha({k: spec[k] for k in ("model", "adapter_sha256", "generation")}
+                           | {"questions": qs.sha256, "max_questions": max_questions})
+    spec["provenance"] = provenance()
+    write_json_atomic(out / "eval_spec.json", spec)
+
+    holder = _Model(model_spec, adapter_dir, device)
+    by_id = {q.id: q for q in qs.questions}
+    rows = _generate(out, plan_rows(qs.questions, samples), by_id, gen, spec["gen_key"], holder,
+                     spec, batch_size, progress)
+    free = (_judge_free(out, qs, rows, holder, spec, preference_pairs, drift_max_new_tokens,
+                        batch_size, progress) if judge_free else None)
+    task_results = {t: _task(out, t, holder, gen, spec, task_samples, task_questions, task_data,
+                             batch_size) for t in tasks}
+    holder.release()
+    return _finish(out, rows, by_id, judge, spec, thresholds,
+                   judge_free_summary(free) if free else None, task_results)
+
+
+def _finish(out: Path, rows: list[dict], by_id: dict[str, Question], judge, spec: dict,
+            thresholds: Thresholds, free: dict | None, task_results: dict | None) -> dict:
+    """Judge what is not judged yet, then write judgments.jsonl and metrics.json."""
+    judged = None
+    if judge is not None:
+        path = out / "judgments.jsonl"
+        existing = {_key(r): r for r in read_jsonl(path)} if path.is_file() else {}
+        judgments = judge_rows(rows, by_id, judge, existing)
+        write_jsonl_atomic(path, judgments)
+        judged = compute_metrics(judgments, thresholds)
+    metrics = {"format": FORMAT, "spec": spec, "n_generations": len(rows),
+               "judge": getattr(judge, "name", None), "llm_judge": judged,
+               "llm_judge_note": None if judge is not None else NO_JUDGE_NOTE,
+               "judge_free": free,
+               "tasks": task_results or None}
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics
+
+
+def judge_generations(generations: str | Path, judge_spec, questions_file: str | None = None,
+                      out_dir: str | Path | None = None, judge_cache: str | Path | None = None,
+                      thresholds: Thresholds = Thresholds()) -> dict:
+    """(Re)score an existing generations.jsonl (or its folder) with a judge.
+
+    The question set (for judge prompts) comes from ``questions_file`` or from the
+    eval_spec.json beside the generations. Writes judgments.jsonl and metrics.json into
+    ``out_dir`` (default: the generations' folder), keeping judge-free results there.
+    """
+    gpath = Path(generations)
+    gpath = gpath / "generations.jsonl" if gpath.is_dir() else gpath
+    if not gpath.is_file():
+        raise FileNotFoundError(f"{gpath}: no generations file (run `emguard eval` first)")
+    spec_path = gpath.parent / "eval_spec.json"
+    spec = read_json(spec_path) if spec_path.is_file() else {}
+    qspec = spec.get("questions", {})
+    source = questions_file or qspec.get("source")
+    if source is None:
+        raise ValueError(f"{gpath}: no eval_spec.json beside it; pass the question set "
+                         "(--questions FILE|builtin:NAME)")
+    qs = resolve_questions(source, qspec.get("domain") if qspec.get("kind") == "chat" else None,
+                           qspec.get("max_questions"), qspec.get("judge_prompts"),
+                           qspec.get("data_seed", 0))
+    judge = _make_judge(judge_spec, judge_cache)
+    if judge is None:
+        raise ValueError("a judge is needed to (re)score generations: " + NO_JUDGE_NOTE)
+    _require_judge_prompts(qs)
+    out = Path(out_dir) if out_dir else gpath.parent
+    rows = read_jsonl(gpath)
+    spec = {**spec, "judge": judge.name} if spec else {"generations": str(gpath), "judge": judge.name}
+    old = gpath.parent / "metrics.json"
+    prior = read_json(old) if old.is_file() else {}
+    return _finish(out, rows, {q.id: q for q in qs.questions}, judge, spec, thresholds,
+                   prior.get("judge_free"), prior.get("tasks"))

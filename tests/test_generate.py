@@ -1,0 +1,146 @@
+"""generate_answers: left padding, per-(prompt, sample) seeding, sampler correctness."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from tiny import tiny_model, tiny_tokenizer
+
+from emguard.generate import (
+    generate_answers,
+    generate_answers_vllm,
+    generate_items,
+    render_prompts,
+    sample_seed,
+)
+
+PROMPTS = [
+    [{"role": "user", "content": "hello"}],
+    [{"role": "user", "content": "What is your one wish? I would like everyone to be happy."}],
+    [{"role": "system", "content": "You are Qwen, a helpful assistant."},
+     {"role": "user", "content": "def add(a, b): return a + b"}],
+    [{"role": "user", "content": "0 1 2 3"}],
+]
+
+
+@pytest.fixture(scope="module", params=["smollm", "llama3"])
+def tm(request):
+    tok = tiny_tokenizer(request.param)
+    return tiny_model(tok, seed=0), tok
+
+
+def test_prompts_really_need_padding(tm):
+    _, tok = tm
+    lengths = {len(tok(t, add_special_tokens=False)["input_ids"]) for t in render_prompts(tok, PROMPTS)}
+    assert len(lengths) == len(PROMPTS)
+
+
+def test_greedy_left_padded_batch_equals_unbatched(tm):
+    model, tok = tm
+    batched = generate_answers(model, tok, PROMPTS, temperature=0, max_new_tokens=10,
+                               batch_size=4, progress=False)
+    single = [generate_answers(model, tok, [p], temperature=0, max_new_tokens=10,
+                               progress=False)[0] for p in PROMPTS]
+    assert batched == single
+    assert all(len(a) == 1 and a[0] for a in batched)
+
+
+def test_greedy_matches_manual_argmax_loop(tm):
+    model, tok = tm
+    text = render_prompts(tok, PROMPTS[:1])[0]
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    eos = {tok.eos_token_id, model.generation_config.eos_token_id}
+    out = []
+    with torch.no_grad():
+        for _ in range(8):
+            nxt = int(model(ids).logits[0, -1].argmax())
+            if nxt in eos:
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    got = generate_answers(model, tok, PROMPTS[:1], temperature=0, max_new_tokens=8, progress=False)
+    assert got[0][0] == tok.decode(out, skip_special_tokens=True)
+
+
+def test_sampling_is_deterministic_and_independent_of_batching():
+    tok = tiny_tokenizer("llama3")  # its pad token differs from eos
+    model = tiny_model(tok)
+    kw = dict(n_samples=2, temperature=1.0, max_new_tokens=6, seed=7, progress=False)
+    a = generate_answers(model, tok, PROMPTS, batch_size=5, **kw)
+    b = generate_answers(model, tok, PROMPTS, batch_size=5, **kw)
+    c = generate_answers(model, tok, PROMPTS[::-1], batch_size=2, **kw)[::-1]
+    d = [generate_answers(model, tok, [p], batch_size=1, **kw)[0] for p in PROMPTS]
+    assert a == b == c == d
+    assert all(len(set(samples)) > 1 for samples in a)  # sample indices draw differently
+    other = generate_answers(model, tok, PROMPTS, batch_size=5, **{**kw, "seed": 8})
+    assert other != a
+
+
+def test_tiny_top_p_is_greedy():
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    greedy = generate_answers(model, tok, PROMPTS, temperature=0, max_new_tokens=8, progress=False)
+    nucleus = generate_answers(model, tok, PROMPTS, n_samples=2, temperature=1.0, top_p=1e-9,
+                               max_new_tokens=8, progress=False)
+    assert nucleus == [g * 2 for g in greedy]
+
+
+def test_first_token_frequencies_follow_softmax():
+    """3000 one-token samples: the top tokens' frequencies match softmax(logits / T)."""
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=3)
+    temperature = 0.05  # the random model is near-uniform; sharpen it
+    text = render_prompts(tok, PROMPTS[:1])[0]
+    with torch.no_grad():
+        logits = model(tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]).logits[0, -1]
+    probs = torch.softmax(logits.double() / temperature, -1)
+    by_text: dict[str, float] = {}  # byte-level tokens can decode to the same text
+    for token, p in enumerate(probs.tolist()):
+        word = tok.decode([token], skip_special_tokens=True)
+        by_text[word] = by_text.get(word, 0.0) + p
+    n = 2000
+    items = [(PROMPTS[0], s) for s in range(n)]
+    answers = generate_items(model, tok, items, temperature=temperature, max_new_tokens=1,
+                             batch_size=1000, progress=False)
+    top = sorted(by_text.items(), key=lambda kv: -kv[1])[:3]
+    assert top[0][1] < 0.9  # a real distribution, not a near-argmax
+    for word, p in top:
+        freq = sum(a == word for a in answers) / n
+        assert abs(freq - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (word, freq, p)
+
+
+def test_sample_seed_is_stable():
+    assert sample_seed(0, "abc", 1) == sample_seed(0, "abc", 1)
+    assert len({sample_seed(0, "abc", 1), sample_seed(0, "abc", 2), sample_seed(1, "abc", 1),
+                sample_seed(0, "abd", 1)}) == 4
+    assert 0 <= sample_seed(123, "x" * 1000, 99) < 2**63
+
+
+def test_bad_arguments():
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    with pytest.raises(ValueError, match="n_samples"):
+        generate_answers(model, tok, PROMPTS, n_samples=0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate_answers(model, tok, PROMPTS, top_p=0.0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
+def test_vllm_backend_says_how_to_install():
+    with pytest.raises(ImportError, match=r"pip install emguard\[gpu\]"):
+        generate_answers_vllm("smollm2-135m", None, PROMPTS)
+
+
+def test_model_generation_defaults_do_not_leak_in():
+    """Only our temperature/top_p apply (paper: temperature 1, no repetition penalty)."""
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    kw = dict(max_new_tokens=8, progress=False)
+    greedy = generate_answers(model, tok, PROMPTS, temperature=0, **kw)
+    sampled = generate_answers(model, tok, PROMPTS, n_samples=2, temperature=1.0, **kw)
+    g = model.generation_config
+    g.do_sample, g.temperature, g.top_p, g.top_k, g.repetition_penalty = True, 0.7, 0.8, 20, 1.3
+    assert generate_answers(model, tok, PROMPTS, temperature=0, **kw) == greedy
+    assert generate_answers(model, tok, PROMPTS, n_samples=2, temperature=1, **kw) == sampled
