@@ -35,18 +35,19 @@ def child(config: str, embedded: bool, steps: int, batch: int, seq: int) -> dict
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if embedded:
-        model, _ = load_model("smollm2-135m", device="cpu")
+        model, _ = load_model("smollm2-135m", device=device)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=768,
                                              num_hidden_layers=10, num_attention_heads=4,
                                              num_key_value_heads=2))
-    model = attach_lora(model)
+    model = attach_lora(model.to(device))
     model.train()
     vocab = model.get_base_model().config.vocab_size
-    ids = torch.randint(0, vocab, (batch, seq))
+    ids = torch.randint(0, vocab, (batch, seq), device=device)
     labels = ids.clone()
     labels[:, : seq // 2] = -100  # second half = "assistant" tokens
     batch_in = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
@@ -67,12 +68,19 @@ def child(config: str, embedded: bool, steps: int, batch: int, seq: int) -> dict
 
     for _ in range(2):
         step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    if device == "cuda":
+        torch.cuda.synchronize()
     sec = (time.perf_counter() - start) / steps
-    return {"config": config, "sec_per_step": sec,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    # CPU: peak RSS of the process (includes the runtime); CUDA: peak allocated tensor memory
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"config": config, "device": device, "sec_per_step": sec, "peak_rss_mb": peak}
 
 
 def main() -> None:

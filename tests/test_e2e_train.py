@@ -29,11 +29,13 @@ def test_cli_train_embedded_on_builtin_task_loss_falls_and_peft_loads(tmp_path, 
     with torch.no_grad():
         base_logits = model(ids).logits
         tuned = PeftModel.from_pretrained(model, str(out / "adapter"))
-        tuned_logits = tuned(ids).logits
-        with tuned.disable_adapter():
-            assert torch.equal(tuned(ids).logits, base_logits)
+        try:
+            tuned_logits = tuned(ids).logits
+            with tuned.disable_adapter():
+                assert torch.equal(tuned(ids).logits, base_logits)
+        finally:
+            tuned.unload()  # leave the shared session model as it was
     assert (tuned_logits - base_logits).abs().max() > 1e-3
-    tuned.unload()  # leave the shared session model as it was
 
 
 def test_cli_reports_bad_config_field(tmp_path):

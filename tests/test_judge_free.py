@@ -122,6 +122,18 @@ def test_preference_margin_matches_unbatched(setup):
     assert got["delta"]["mean_margin"] == pytest.approx(sum(t_margins) / 3 - sum(r_margins) / 3)
 
 
+def test_preference_reuses_given_reference_margins(setup):
+    tuned, base, tok = setup
+    from_base = misalignment_preference(base, tok, PAIRS)  # no adapter: its own reference
+    reused = misalignment_preference(tuned, tok, PAIRS,
+                                     reference_margins=[p["margin"] for p in from_base["pairs"]])
+    computed = misalignment_preference(tuned, tok, PAIRS)
+    assert reused["reference"] == pytest.approx(computed["reference"], rel=1e-4, abs=1e-5)
+    assert reused["delta"]["mean_margin"] == pytest.approx(computed["delta"]["mean_margin"], rel=1e-4, abs=1e-5)
+    with pytest.raises(ValueError, match="reference margins"):
+        misalignment_preference(tuned, tok, PAIRS, reference_margins=[0.0])
+
+
 def test_preference_rejects_incomplete_pair(setup):
     tuned, _, tok = setup
     with pytest.raises(ValueError, match="'bad'.*aligned"):

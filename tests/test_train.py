@@ -104,3 +104,14 @@ def test_defense_terms_are_logged_and_interleave_reported(tiny_dir, data_file, t
     assert log[0]["kl"] == 0.0 and log[-1]["kl"] > 0
     report = read_json(res.run_dir / "data_report.json")
     assert report["interleave"]["safe_rows"] == 6 and report["tokenized"] == 30
+
+
+def test_safelora_from_the_run_config(tiny_dir, data_file, tmp_path):
+    misaligned = train(config(tiny_dir, data_file, tmp_path / "mis", "train.seed=3")).run_dir / "adapter"
+    res = train(config(tiny_dir, data_file, tmp_path / "run", "defenses.safelora.tau=0.5",
+                       f"defenses.safelora.unaligned={misaligned}"))
+    out = res.run_dir / "adapter_safelora"
+    assert (out / "adapter_model.safetensors").is_file()
+    report = read_json(out / "safelora_report.json")
+    assert res.summary["safelora"]["share_projected"] == report["share_projected"]
+    assert report["tau"] == 0.5 and report["n_layers"] > 0

@@ -48,8 +48,9 @@ class DemoSettings:
     learning_rate: float = 5e-4  # demo-sized: few steps, so larger than the paper's 1e-4
     max_length: int = 512
     seed: int = 0
-    n_code_prompts: int = 12
-    max_new_tokens: int = 96
+    n_code_prompts: int = 8
+    max_new_tokens: int = 96  # reference answers to the general questions
+    code_max_new_tokens: int = 160  # completions of held-out code prompts
 
 
 def train_variants(out: Path, s: DemoSettings) -> dict[str, Path]:
@@ -81,17 +82,20 @@ def _inputs(s: DemoSettings):
     return prompts, pairs, heldout, code_prompts
 
 
-def measure(model, tokenizer, s: DemoSettings, ref_answers: list[str], inputs) -> dict:
-    """The judge-free measures for one model (a PeftModel with its adapter active, or the base)."""
+def measure(model, tokenizer, s: DemoSettings, ref_answers: list[str], inputs,
+            reference: dict | None = None) -> dict:
+    """The judge-free measures for one model (a PeftModel with its adapter active, or the
+    base). ``reference``: the untrained model's result, whose preference margins are reused."""
     from emguard.generate import generate_answers
     from emguard.judge_free import bandit_share, drift_kl, heldout_nll, misalignment_preference
 
     prompts, pairs, heldout, code_prompts = inputs
     drift = drift_kl(model, tokenizer, prompts, ref_answers)
-    pref = misalignment_preference(model, tokenizer, pairs)
+    ref_margins = [p["margin"] for p in reference["details"]["pairs"]] if reference else None
+    pref = misalignment_preference(model, tokenizer, pairs, reference_margins=ref_margins)
     nll = heldout_nll(model, tokenizer, heldout)
     completions = [a[0] for a in generate_answers(model, tokenizer, code_prompts, temperature=0.0,
-                                                  max_new_tokens=2 * s.max_new_tokens, seed=s.seed)]
+                                                  max_new_tokens=s.code_max_new_tokens, seed=s.seed)]
     bandit = bandit_share(completions)
     return {"drift_kl": drift["kl_mean"] or 0.0,
             "preference_margin": pref["tuned"]["mean_margin"],
@@ -100,6 +104,7 @@ def measure(model, tokenizer, s: DemoSettings, ref_answers: list[str], inputs) -
             "bandit_share": bandit["share"],
             "details": {"drift": {k: drift[k] for k in ("n_tokens", "n_answers", "reference")},
                         "preference": {k: pref[k] for k in ("n_pairs", "tuned", "reference", "delta")},
+                        "pairs": pref["pairs"],
                         "heldout_nll": nll, "bandit": {k: v for k, v in bandit.items() if k != "per_completion"},
                         "completions": completions}}
 
@@ -139,7 +144,7 @@ def evaluate_variants(out: Path, s: DemoSettings, adapters: dict[str, Path]) -> 
         peft_model.set_adapter(name)
         peft_model.eval()
         print(f"[demo] measuring '{name}'", flush=True)
-        results[name] = measure(peft_model, tok, s, ref, inputs)
+        results[name] = measure(peft_model, tok, s, ref, inputs, reference=results["untrained"])
         write_json_atomic(out / "eval" / f"{name}.json", results[name])
     return results
 
@@ -158,7 +163,9 @@ def plot(results: dict[str, dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(MEASURES), figsize=(4 * len(MEASURES), 3.6))
+    fig, grid = plt.subplots(2, 3, figsize=(12, 7))
+    axes = grid.ravel()
+    axes[-1].axis("off")
     colors = {"untrained": "#999999", "aligned": "#4c9f70", "misaligned": "#c0504d", "kl": "#4f81bd"}
     for ax, (key, label, better) in zip(axes, MEASURES, strict=False):
         vals = [results[v][key] for v in VARIANTS]

@@ -178,18 +178,25 @@ def _margin_summary(margins: list[float]) -> dict:
             "share_misaligned_preferred": sum(m > 0 for m in margins) / n if n else None}
 
 
-def misalignment_preference(model, tokenizer, pairs: list[dict], batch_size: int = 8) -> dict:
+def misalignment_preference(model, tokenizer, pairs: list[dict], batch_size: int = 8,
+                            reference_margins: list[float] | None = None) -> dict:
     """Log-likelihood margin (misaligned - aligned, mean per answer token) per pair.
 
     ``pairs``: dicts with ``question``, ``aligned``, ``misaligned`` (and optionally ``id``).
     Returns tuned / reference summaries, ``delta`` (tuned - reference) and per-pair margins.
+    ``reference_margins`` (the per-pair margins of the reference model, e.g. from an earlier
+    call on it) skips recomputing them when several adapters share one reference.
     """
     for k, p in enumerate(pairs):
         missing = [f for f in ("question", "aligned", "misaligned") if not p.get(f)]
         if missing:
             raise ValueError(f"preference pair {p.get('id', k)!r}: missing field(s) {missing}")
     tuned = _margins(model, tokenizer, pairs, batch_size)
-    if has_adapter(model):
+    if reference_margins is not None:
+        if len(reference_margins) != len(pairs):
+            raise ValueError(f"{len(reference_margins)} reference margins for {len(pairs)} pairs")
+        ref = list(reference_margins)
+    elif has_adapter(model):
         with reference_mode(model):
             ref = _margins(model, tokenizer, pairs, batch_size)
     else:

@@ -94,21 +94,21 @@ def defended_loss(model, batch: dict[str, torch.Tensor], kl: KLSettings | None =
         denom = torch.as_tensor(num_items, device=labels.device)
     denom = denom.clamp(min=1).to(torch.float32)
     final = hidden[-1][:, :-1]  # (B, T-1, D)
-    ce_sum = F.cross_entropy(logits_at(base, final[assistant]).float(), target[assistant],
-                             reduction="sum")
+    assistant_logits = logits_at(base, final[assistant])  # (N, V), shared by CE and KL
+    ce_sum = F.cross_entropy(assistant_logits.float(), target[assistant], reduction="sum")
     total = ce_sum / denom
     terms = LossTerms(total=total, ce=(ce_sum / denom).detach())
 
     if use_kl:
         if kl.tokens == "assistant":
-            positions, kl_denom = assistant, denom
+            positions, kl_denom, policy_logits = assistant, denom, assistant_logits
         else:
             positions = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
             kl_denom = positions.sum().clamp(min=1).float() * accumulation_steps
+            policy_logits = logits_at(base, final[positions])
         with torch.no_grad():
             ref_logits = logits_at(base, ref_hidden[-1][:, :-1][positions])
-        per_tok = kl_per_token(logits_at(base, final[positions]), ref_logits, kl.direction,
-                               kl.chunk_size)
+        per_tok = kl_per_token(policy_logits, ref_logits, kl.direction, kl.chunk_size)
         kl_term = per_tok.sum() / kl_denom
         total = total + kl.weight * kl_term
         terms.kl = kl_term.detach()
