@@ -181,7 +181,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, device: str) -> TrainingAr
         remove_unused_columns=False,
         dataloader_num_workers=0,
         train_sampling_strategy="sequential",  # order fixed by our seeded shuffle + interleave
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         use_cpu=not cuda,
         disable_tqdm=False,
     )

@@ -4,8 +4,12 @@ registers itself with ``register(app)``; this file only assembles them."""
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import typer
+
+# PEFT 0.21 calls a transformers 5.x API that now warns on every model wrap; nothing to act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 app = typer.Typer(
     name="emguard",
