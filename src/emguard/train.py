@@ -19,6 +19,7 @@ Runs under ``accelerate launch`` unchanged (Trainer handles the distribution).
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import time
@@ -34,6 +35,7 @@ from emguard.data.masking import IGNORE_INDEX, tokenize_chat
 from emguard.defenses.interleave import interleave, load_safe_rows
 from emguard.io import (
     atomic_dir,
+    provenance,
     read_json,
     write_json_atomic,
     write_jsonl_atomic,
@@ -41,6 +43,11 @@ from emguard.io import (
 )
 from emguard.loss import defended_loss
 from emguard.models import attach_lora, default_device, load_model
+
+
+def is_main_process() -> bool:
+    """True outside distributed runs and on rank 0 of ``torchrun`` / ``accelerate launch``."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 class RunConflictError(RuntimeError):
@@ -129,6 +136,11 @@ class DefendedTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         kl = self.defenses.kl if self.defenses else None
         ldifs = self.defenses.ldifs if self.defenses else None
+        if (num_items_in_batch is not None and self.args.average_tokens_across_devices
+                and self.args.world_size > 1):
+            # Trainer counts assistant tokens over all ranks; DDP then averages gradients over
+            # ranks. Dividing by (global count / world size) makes the step the exact token mean.
+            num_items_in_batch = num_items_in_batch / self.args.world_size
         terms = defended_loss(model, inputs, kl=kl, ldifs=ldifs, num_items=num_items_in_batch,
                               accumulation_steps=self.current_gradient_accumulation_steps,
                               peft_model=self.accelerator.unwrap_model(model))
@@ -206,12 +218,12 @@ def train(cfg: RunConfig | str | Path, overrides: list[str] = (), force: bool = 
         cfg = load_run_config(cfg, overrides)
     run_dir = Path(cfg.output_dir)
     config_text = dump_run_config(cfg)
-    if not _claim_run_dir(run_dir, config_text, force):
+    main = is_main_process()  # in distributed runs only rank 0 writes the run folder
+    if not _claim_run_dir(run_dir, config_text, force, check=main):
         return TrainResult(run_dir, read_json(run_dir / "summary.json"), skipped=True)
-    write_text_atomic(run_dir / "config.yaml", config_text)
-    from emguard.io import provenance
-
-    write_json_atomic(run_dir / "provenance.json", provenance())
+    if main:
+        write_text_atomic(run_dir / "config.yaml", config_text)
+        write_json_atomic(run_dir / "provenance.json", provenance())
 
     set_seed(cfg.train.seed)
     device = default_device()
@@ -223,7 +235,8 @@ def train(cfg: RunConfig | str | Path, overrides: list[str] = (), force: bool = 
     data_report.update(tokenized=len(features), skipped_over_length=too_long)
     if not features:
         raise ChatDataError(f"{data_report['source']}: no trainable rows left")
-    write_json_atomic(run_dir / "data_report.json", data_report)
+    if main:
+        write_json_atomic(run_dir / "data_report.json", data_report)
 
     model.train()
     model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
@@ -237,6 +250,9 @@ def train(cfg: RunConfig | str | Path, overrides: list[str] = (), force: bool = 
     last = _last_checkpoint(run_dir / "checkpoints")
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     elapsed = time.time() - started
+    if not main:
+        return TrainResult(run_dir, {"steps": result.global_step, "rank": os.environ.get("RANK")},
+                           skipped=False)
 
     with atomic_dir(run_dir / "adapter") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -251,9 +267,13 @@ def train(cfg: RunConfig | str | Path, overrides: list[str] = (), force: bool = 
     return TrainResult(run_dir, summary, skipped=False)
 
 
-def _claim_run_dir(run_dir: Path, config_text: str, force: bool) -> bool:
-    """False if the run is already complete with this config; error if it holds another config."""
+def _claim_run_dir(run_dir: Path, config_text: str, force: bool, check: bool = True) -> bool:
+    """False if the run is already complete with this config; error if it holds another config.
+
+    ``check=False`` (non-main ranks) only looks for completion; rank 0 owns the folder."""
     saved = run_dir / "config.yaml"
+    if not check:
+        return not (run_dir / "summary.json").is_file()
     if saved.is_file() and saved.read_text(encoding="utf-8") != config_text:
         if not force:
             raise RunConflictError(

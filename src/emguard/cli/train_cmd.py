@@ -34,6 +34,8 @@ def train_command(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     s = result.summary
+    if "rank" in s:  # a non-main rank of a distributed run: rank 0 reports
+        return
     state = "already complete, skipped" if result.skipped else "done"
     console.print(f"[green]{state}[/green]: {result.run_dir} - {s['steps']} steps, "
                   f"loss {s['first_loss']} -> {s['last_loss']}")
