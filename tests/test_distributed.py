@@ -40,7 +40,7 @@ def test_two_rank_ddp_matches_single_process(tiny_dir, tmp_path):
     assert len(one) == len(two) == 3
     # step 1's loss and every step's gradient norm agree: same global batch, same update
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-4)
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
     assert (tmp_path / "two" / "summary.json").is_file()
     shutil.rmtree(tmp_path / "two")
