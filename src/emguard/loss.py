@@ -44,6 +44,19 @@ def _hidden_states(model, input_ids, attention_mask) -> tuple[torch.Tensor, ...]
     return out.hidden_states
 
 
+def _reference_final_hidden(base_model, input_ids, attention_mask) -> torch.Tensor:
+    """(B, T, D) final-normed hidden states of the reference, without keeping every layer's.
+
+    Calls the decoder stack directly (no grad, adapter already disabled by the caller), so
+    a KL-only step holds one (B, T, D) tensor of the reference instead of L + 1 of them.
+    """
+    decoder = base_model.get_decoder()
+    if decoder is base_model:  # exotic layout: fall back to the full model
+        return _hidden_states(base_model, input_ids, attention_mask)[-1]
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
 def logits_at(base_model, hidden: torch.Tensor) -> torch.Tensor:
     """LM-head logits (N, V) for final hidden states (N, D), with the output scaling some
     architectures apply in their forward (Gemma-2 soft-capping, Cohere / Granite scales)."""
@@ -80,10 +93,14 @@ def defended_loss(model, batch: dict[str, torch.Tensor], kl: KLSettings | None =
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     use_kl = kl is not None and kl.weight > 0
     use_ldifs = ldifs is not None and ldifs.weight > 0
-    ref_hidden = None
+    ref_hidden = ref_final = None
     if use_kl or use_ldifs:
         with torch.no_grad(), peft_model.disable_adapter():
-            ref_hidden = _hidden_states(peft_model, input_ids, attention_mask)
+            if use_ldifs:
+                ref_hidden = _hidden_states(peft_model, input_ids, attention_mask)
+                ref_final = ref_hidden[-1]
+            else:
+                ref_final = _reference_final_hidden(base, input_ids, attention_mask)
     hidden = _hidden_states(model, input_ids, attention_mask)
 
     target = labels[:, 1:]  # position t predicts token t+1
@@ -107,7 +124,7 @@ def defended_loss(model, batch: dict[str, torch.Tensor], kl: KLSettings | None =
             kl_denom = positions.sum().clamp(min=1).float() * accumulation_steps
             policy_logits = logits_at(base, final[positions])
         with torch.no_grad():
-            ref_logits = logits_at(base, ref_hidden[-1][:, :-1][positions])
+            ref_logits = logits_at(base, ref_final[:, :-1][positions])
         per_tok = kl_per_token(policy_logits, ref_logits, kl.direction, kl.chunk_size)
         kl_term = per_tok.sum() / kl_denom
         total = total + kl.weight * kl_term
