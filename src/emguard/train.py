@@ -90,7 +90,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int, skip_invalid: bo
         except ValueError as e:
             msg = f"{source} row {row.get('id', i)}: {e}"
             if not skip_invalid:
-                raise ChatDataError(msg + " (raise data.max_length or pass --skip-invalid)") from e
+                raise ChatDataError(msg + " (raise data.max_length or set data.skip_invalid=true)") from e
             skipped.append(msg)
             continue
         out.append({"input_ids": tc.input_ids, "labels": tc.labels})

@@ -139,4 +139,5 @@ def _summarise(bad: list[str], source: Any, limit: int = 20) -> str:
     head = "\n".join(f"  {b}" for b in bad[:limit])
     more = f"\n  ... and {len(bad) - limit} more" if len(bad) > limit else ""
     return (f"{source}: {len(bad)} malformed row(s):\n{head}{more}\n"
-            "Fix them, or pass skip_invalid (CLI: --skip-invalid) to skip and count them.")
+            "Fix them, or set data.skip_invalid=true (library: skip_invalid=True) to skip "
+            "and count them.")
