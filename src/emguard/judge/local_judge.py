@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from emguard.compat import cache_keyword, output_cache
 from emguard.judge.base import DEFAULT_THRESHOLD, JudgeError, Verdict
 from emguard.judge.cache import JudgeCache, cache_key
 
@@ -205,8 +206,11 @@ class LocalJudge:
         score = float((NUMBERS.double() * probs).sum() / mass)
         return Verdict(score=score, number_mass=mass, reason=None, judge=self.name)
 
-    def _forward(self, **kw: Any) -> Any:
+    def _forward(self, cache: Any = None, **kw: Any) -> Any:
+        """One model forward with the KV cache on; ``cache`` continues an earlier one."""
         self.forward_calls += 1
+        if cache is not None:
+            kw[cache_keyword(self.model)] = cache
         return self.model(use_cache=True, **kw)
 
     def _batch_logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
@@ -216,13 +220,14 @@ class LocalJudge:
         out = self._forward(input_ids=ids, attention_mask=mask,
                             position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
         lp_prompt = _log_softmax(out.logits[:, -1])  # (B, V)
+        cache = output_cache(out)
         lengths = mask.sum(-1)
         method = self.method
         if method == "auto":
             tree_ok = self.model.config._attn_implementation in _TREE_ATTENTION
-            method = "tree" if tree_ok and not any(out.cache.is_sliding) else "expand"
+            method = "tree" if tree_ok and not any(cache.is_sliding) else "expand"
         walk = self._walk_tree if method == "tree" else self._walk_expand
-        lp_after = walk(out.cache, mask, lengths)  # (B, 101, V): next-token log-probs per node
+        lp_after = walk(cache, mask, lengths)  # (B, 101, V): next-token log-probs per node
         return _number_logprobs(lp_prompt, lp_after, self.vocab)
 
     def _walk_tree(self, cache: Any, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
