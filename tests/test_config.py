@@ -53,3 +53,35 @@ def test_every_shipped_config_validates():
     for f in files:
         load_run_config(f)  # raises ConfigError naming the file on any problem
         assert isinstance(yaml.safe_load(f.read_text()), dict)
+
+
+def test_values_that_would_do_something_else_are_errors():
+    from emguard.config import ConfigError, load_run_config
+
+    with pytest.raises(ConfigError, match="train.max_steps: .*0 steps would still run one step"):
+        load_run_config(None, ["train.max_steps=0"])
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_run_config(None, ["train.max_steps=-2"])
+    assert load_run_config(None, ["train.max_steps=-1"]).train.max_steps == -1
+
+
+def test_lora_target_typo_is_an_error_not_a_smaller_adapter():
+    from tiny import tiny_model
+
+    from emguard.models import ModelLoadError, attach_lora
+
+    with pytest.raises(ModelLoadError, match=r"\['q_prj'\] match no module.*q_proj"):
+        attach_lora(tiny_model(), r=2, alpha=4, targets=["q_prj", "v_proj"])
+    model = attach_lora(tiny_model(), r=2, alpha=4, targets=["q_proj", "v_proj"])
+    names = {n.split(".")[-4] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert names == {"q_proj", "v_proj"}
+
+
+def test_eval_rejects_sample_counts_below_one(tmp_path):
+    from emguard.evaluate import run_eval
+
+    for kw in ({"samples": 0}, {"samples": -2}, {"task_samples": 0}):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            run_eval("unused-model", None, "builtin:general-questions", "none",
+                     out_dir=tmp_path / "e", **{"samples": None, **kw})
+    assert not (tmp_path / "e").exists()

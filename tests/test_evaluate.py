@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from emguard import models
-from emguard.evaluate import judge_generations, run_eval
+from emguard.evaluate import EvalConflictError, judge_generations, run_eval
 from emguard.io import read_json, read_jsonl
 from emguard.judge.base import Verdict
 
@@ -174,7 +174,9 @@ def test_partial_generations_are_continued(files, load_counter):
     _run(files, None, judge_free=False)
     assert read_jsonl(out / "generations.jsonl") == full  # same answers: per-sample seeds
     assert not (out / "generations.partial.jsonl").exists()
-    changed = _run(files, None, samples=1, judge_free=False, temperature=0.7)
+    with pytest.raises(EvalConflictError, match="another evaluation"):  # would overwrite them
+        _run(files, None, samples=1, judge_free=False, temperature=0.7)
+    changed = _run(files, None, samples=1, judge_free=False, temperature=0.7, force=True)
     assert changed["n_generations"] == 3
     regen = read_jsonl(out / "generations.jsonl")
     assert regen[0]["gen_key"] != full[0]["gen_key"] and len(load_counter) == 3

@@ -115,3 +115,29 @@ def test_safelora_from_the_run_config(tiny_dir, data_file, tmp_path):
     report = read_json(out / "safelora_report.json")
     assert res.summary["safelora"]["share_projected"] == report["share_projected"]
     assert report["tau"] == 0.5 and report["n_layers"] > 0
+
+
+def test_auto_precision_and_optimizer_are_resolved_and_recorded(monkeypatch, tiny_dir, data_file, tmp_path):
+    import emguard.train as t
+    from emguard.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert t.resolve_precision("auto", "cpu") == "fp32"
+    assert t.resolve_precision("auto", "cuda") == "bf16"
+    assert t.resolve_precision("fp16", "cuda") == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert t.resolve_precision("auto", "cuda:1") == "fp16"
+
+    monkeypatch.setattr(t, "_has_bitsandbytes", lambda: True)
+    assert t.resolve_optimizer("auto", "cuda") == "adamw_8bit"
+    assert t.resolve_optimizer("auto", "cpu") == "adamw_torch"
+    monkeypatch.setattr(t, "_has_bitsandbytes", lambda: False)
+    with pytest.warns(UserWarning, match="8-bit AdamW"):
+        assert t.resolve_optimizer("auto", "cuda") == "adamw_torch"
+    with pytest.raises(ConfigError, match="bitsandbytes"):
+        t.resolve_optimizer("adamw_8bit", "cuda")
+
+    res = train(config(tiny_dir, data_file, tmp_path / "run"))  # CPU: auto -> fp32 + AdamW
+    text = (res.run_dir / "config.yaml").read_text()
+    assert "optimizer: adamw_torch" in text and "precision: fp32" in text and ": auto" not in text
+    assert res.summary["optimizer"] == "adamw_torch" and res.summary["precision"] == "fp32"

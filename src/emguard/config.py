@@ -48,7 +48,7 @@ class TrainSettings(_Strict):
 
     learning_rate: float = Field(1e-4, gt=0)
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1
+    max_steps: int = Field(-1, ge=-1)  # -1: train for `epochs`
     batch_size: int = Field(4, gt=0)
     grad_accum: int = Field(4, gt=0)
     warmup_steps: int = Field(5, ge=0)
@@ -60,6 +60,14 @@ class TrainSettings(_Strict):
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(50, gt=0)  # checkpoint cadence for resuming an interrupted run
     gradient_checkpointing: bool = False
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("0 steps would still run one step; use a positive number, or -1 "
+                             "to train for `epochs`")
+        return v
 
 
 class KLSettings(_Strict):

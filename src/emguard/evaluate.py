@@ -29,6 +29,16 @@ from typing import Any
 
 from emguard.io import provenance, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 from emguard.metrics import Thresholds, compute_metrics
+from emguard.ownership import (
+    EVAL,
+    FolderConflictError,
+    check_writable_target,
+    folder_state,
+    read_marker,
+    refuse_foreign,
+    remove_ours,
+    write_marker,
+)
 from emguard.questions import Question, QuestionSet, render_judge_prompt, resolve_questions
 
 FORMAT = "emguard.eval/1"
@@ -37,6 +47,10 @@ NO_JUDGE_NOTE = ("no judge configured, so no LLM-judge misalignment rates; the e
                  "openai:gpt-4o-mini (key from $OPENAI_API_KEY), openai:MODEL@BASE_URL for an "
                  "OpenAI-compatible server, or local:MODEL for a larger local model on a GPU.")
 KEY_FIELDS = ("question_id", "paraphrase_index", "sample_index")
+
+
+class EvalConflictError(FolderConflictError):
+    """The output folder holds the evaluation of something else."""
 
 
 @dataclass(frozen=True)
@@ -351,7 +365,7 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
              preference_pairs: str | Path | None = None, drift_max_new_tokens: int = 128,
              tasks: list[str] | tuple[str, ...] = (), task_samples: int = 10,
              task_questions: int | None = None, task_data: str | None = None,
-             data_seed: int = 0, progress: bool = True) -> dict:
+             data_seed: int = 0, progress: bool = True, force: bool = False) -> dict:
     """Generate, judge and score one model on one question set; returns metrics.json's dict.
 
     ``judge_spec``: ``"openai:MODEL"``, ``"local:MODEL"``, ``"none"``/None, or a Judge object.
@@ -360,10 +374,17 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
     ``tasks``: benign tasks (``opswap:2``, ``foqa``) scored by emguard.benign.evaluate_task
     with ``task_samples`` samples per question (paper: 10) on the first ``task_questions``
     test questions (all if None); ``task_data`` is its data path / hub id (FoQA).
-    See the module doc for the folder layout and how reruns reuse finished work.
+    See the module doc for the folder layout and how reruns reuse finished work. An
+    ``out_dir`` holding the evaluation of another model, adapter, question set or
+    generation setting is refused (``force``: discard that evaluation's files first).
     """
+    for name, value in (("samples", samples), ("task_samples", task_samples),
+                        ("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
+                        ("task_questions", task_questions), ("max_questions", max_questions)):
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_target(out)
     qs = resolve_questions(questions_file, domain, max_questions, judge_prompts, data_seed)
     judge = _make_judge(judge_spec, judge_cache)
     if judge is not None:
@@ -380,6 +401,7 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
     spec["gen_key"] = _sha({k: spec[k] for k in ("model", "adapter_sha256", "generation")}
                            | {"questions": qs.sha256, "max_questions": max_questions})
     spec["provenance"] = provenance()
+    claim_eval_dir(out, spec, force)
     write_json_atomic(out / "eval_spec.json", spec)
 
     holder = _Model(model_spec, adapter_dir, device)
@@ -393,6 +415,39 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
     holder.release()
     return _finish(out, rows, by_id, judge, spec, thresholds,
                    judge_free_summary(free) if free else None, task_results)
+
+
+def _describe(spec: dict) -> str:
+    q = spec.get("questions") or {}
+    return (f"model {spec.get('model')!r}, adapter {spec.get('adapter')!r}, questions "
+            f"{q.get('source')!r}, generation {spec.get('generation')}")
+
+
+def claim_eval_dir(out: Path, spec: dict, force: bool = False) -> None:
+    """Make ``out`` the folder of the evaluation ``spec`` (its ``gen_key``), or refuse.
+
+    Free folders are marked as ours; a folder of ours with the same gen_key continues;
+    one with another gen_key (other model, adapter, questions or sampling) would have its
+    generations overwritten, so it is refused unless ``force``, which removes only that
+    evaluation's files. Folders with eval files but no marker are never touched, except a
+    folder written before markers existed whose eval_spec.json has the same gen_key.
+    """
+    old_path = out / "eval_spec.json"
+    old = read_json(old_path) if old_path.is_file() else None
+    same = isinstance(old, dict) and old.get("gen_key") == spec["gen_key"]
+    state = folder_state(out, EVAL)
+    if state == "foreign" and not same:
+        refuse_foreign(out, EVAL, "this evaluation (--out)")
+    if state == "ours" and old is not None and not same:
+        if not force:
+            raise EvalConflictError(
+                f"{out} holds another evaluation ({_describe(old)}); this one is of "
+                f"{_describe(spec)}. Choose another --out, or pass --force to discard that "
+                "evaluation (only its files are removed).")
+        remove_ours(out, EVAL)
+    out.mkdir(parents=True, exist_ok=True)
+    if read_marker(out, EVAL) is None:
+        write_marker(out, EVAL, gen_key=spec["gen_key"])
 
 
 def _finish(out: Path, rows: list[dict], by_id: dict[str, Question], judge, spec: dict,
@@ -444,6 +499,9 @@ def judge_generations(generations: str | Path, judge_spec, questions_file: str |
     out = Path(out_dir) if out_dir else gpath.parent
     rows = read_jsonl(gpath)
     spec = {**spec, "judge": judge.name} if spec else {"generations": str(gpath), "judge": judge.name}
+    if out.resolve() != gpath.parent.resolve():
+        check_writable_target(out)
+        claim_eval_dir(out, {**spec, "gen_key": spec.get("gen_key") or _sha(rows)})
     old = gpath.parent / "metrics.json"
     prior = read_json(old) if old.is_file() else {}
     return _finish(out, rows, {q.id: q for q in qs.questions}, judge, spec, thresholds,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,14 +172,22 @@ def attach_lora(model, r: int = 32, alpha: int = 64, dropout: float = 0.0,
     """Wrap ``model`` in a PEFT LoRA adapter (paper Table 7 defaults: rs-LoRA r=32, alpha=64).
 
     rs-LoRA scales B A by alpha / sqrt(r) (= 11.31 for the defaults) instead of alpha / r.
-    Only the target names that exist in the model are used; none existing is an error.
+    Every target name given must name modules of the model (a typo is an error, not an
+    adapter on fewer modules); of the default paper targets, those the architecture lacks
+    are left out with a warning.
     """
     from peft import LoraConfig, get_peft_model
 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     used = [t for t in targets if t in present]
-    if not used:
-        raise ModelLoadError(f"none of the LoRA targets {list(targets)} exist in this model")
+    absent = [t for t in targets if t not in present]
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear)})
+    if not used or (absent and tuple(targets) != LORA_TARGETS):
+        raise ModelLoadError(f"LoRA target(s) {absent} match no module of this model (lora.targets); "
+                             f"its linear layers are: {', '.join(linear)}")
+    if absent:
+        warnings.warn(f"this architecture has no {absent}: LoRA goes on {used} only", stacklevel=2)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
                         target_modules=used, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)

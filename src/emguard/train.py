@@ -19,17 +19,21 @@ Runs under ``accelerate launch`` unchanged (Trainer handles the distribution).
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-from emguard.config import RunConfig, dump_run_config, load_run_config
+from emguard.compat import checkpointing_argument
+from emguard.config import ConfigError, RunConfig, dump_run_config, load_run_config
 from emguard.data.chat import ChatDataError, load_chat_dataset
 from emguard.data.masking import IGNORE_INDEX, tokenize_chat
 from emguard.defenses.interleave import interleave, load_safe_rows
@@ -42,7 +46,25 @@ from emguard.io import (
     write_text_atomic,
 )
 from emguard.loss import defended_loss
-from emguard.models import attach_lora, default_device, load_model
+from emguard.models import (
+    ModelLoadError,
+    attach_lora,
+    default_device,
+    load_model,
+    resolve_model_source,
+)
+from emguard.ownership import (
+    RUN,
+    FolderConflictError,
+    check_writable_target,
+    folder_state,
+    read_marker,
+    refuse_foreign,
+    remove_ours,
+    write_marker,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def is_main_process() -> bool:
@@ -50,8 +72,8 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-class RunConflictError(RuntimeError):
-    """The output folder holds a run with a different config."""
+class RunConflictError(FolderConflictError):
+    """The output folder holds a run of ours with a different config."""
 
 
 @dataclass
@@ -74,7 +96,12 @@ def prepare_rows(cfg: RunConfig) -> tuple[list[dict], dict]:
     inter = cfg.defenses.interleave
     if inter is not None:
         safe = load_safe_rows(inter.source, seed=cfg.train.seed)
+        n_task = len(rows)
         rows, positions = interleave(rows, safe, inter.fraction, seed=cfg.train.seed)
+        if inter.fraction > 1:
+            warnings.warn(f"defenses.interleave.fraction={inter.fraction} adds {len(positions)} safe "
+                          f"rows to {n_task} task rows, so safe data outnumbers the task (the "
+                          "paper's largest fraction is 0.5)", stacklevel=2)
         report["interleave"] = {"source": inter.source, "fraction": inter.fraction,
                                 "safe_rows": len(positions), "positions": positions}
     return rows, report
@@ -141,9 +168,13 @@ class DefendedTrainer(Trainer):
             # Trainer counts assistant tokens over all ranks; DDP then averages gradients over
             # ranks. Dividing by (global count / world size) makes the step the exact token mean.
             num_items_in_batch = num_items_in_batch / self.args.world_size
-        terms = defended_loss(model, inputs, kl=kl, ldifs=ldifs, num_items=num_items_in_batch,
-                              accumulation_steps=self.current_gradient_accumulation_steps,
-                              peft_model=self.accelerator.unwrap_model(model))
+        # accelerate autocasts only the model's forward under mixed precision; the reference
+        # pass and the LM head applied by hand must see the same autocast, or the reference
+        # is computed at another precision than the policy (KL/LDIFS != 0 at B = 0).
+        with self.accelerator.autocast():
+            terms = defended_loss(model, inputs, kl=kl, ldifs=ldifs, num_items=num_items_in_batch,
+                                  accumulation_steps=self.current_gradient_accumulation_steps,
+                                  peft_model=self.accelerator.unwrap_model(model))
         if model.training:
             for name in ("ce", "kl", "ldifs"):
                 value = getattr(terms, name)
@@ -163,13 +194,49 @@ class DefendedTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path, device: str) -> TrainingArguments:
-    t = cfg.train
+def resolve_precision(requested: str, device: str) -> str:
+    """``auto`` -> bf16 on CUDA with bf16 support, fp16 on other CUDA devices, fp32 on CPU."""
+    if requested != "auto":
+        return requested
+    if not device.startswith("cuda"):
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_optimizer(requested: str, device: str) -> str:
+    """``auto`` -> 8-bit AdamW on CUDA when bitsandbytes is installed, else AdamW (warned)."""
     cuda = device.startswith("cuda")
-    precision = t.precision if t.precision != "auto" else ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32")
-    optim = t.optimizer
-    if optim == "auto":
-        optim = "adamw_8bit" if cuda and _has_bitsandbytes() else "adamw_torch"
+    if requested == "adamw_8bit" and not _has_bitsandbytes():
+        raise ConfigError("train.optimizer=adamw_8bit needs bitsandbytes: pip install "
+                          "'emguard[gpu]' (or set train.optimizer=auto / adamw_torch)")
+    if requested != "auto":
+        return requested
+    if cuda and _has_bitsandbytes():
+        return "adamw_8bit"
+    if cuda:
+        warnings.warn("bitsandbytes is not installed, so training uses plain AdamW instead of the "
+                      "paper's 8-bit AdamW (more optimizer memory; results may differ slightly). "
+                      "pip install 'emguard[gpu]' for 8-bit AdamW.", stacklevel=2)
+    return "adamw_torch"
+
+
+def resolve_runtime(cfg: RunConfig, device: str) -> RunConfig:
+    """The config with ``auto`` precision and optimizer replaced by what this machine uses,
+    so config.yaml records what the run actually trained with."""
+    t = cfg.train
+    resolved = t.model_copy(update={"precision": resolve_precision(t.precision, device),
+                                    "optimizer": resolve_optimizer(t.optimizer, device)})
+    return cfg.model_copy(update={"train": resolved})
+
+
+def training_arguments(cfg: RunConfig, run_dir: Path, device: str) -> TrainingArguments:
+    """Trainer settings for a config whose precision and optimizer are resolved."""
+    t = cfg.train
+    if "auto" in (t.precision, t.optimizer):
+        raise ValueError("resolve precision and optimizer first (resolve_runtime)")
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=t.batch_size,
@@ -180,9 +247,9 @@ def training_arguments(cfg: RunConfig, run_dir: Path, device: str) -> TrainingAr
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.scheduler,
-        optim="adamw_bnb_8bit" if optim == "adamw_8bit" else "adamw_torch",
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
+        optim="adamw_bnb_8bit" if t.optimizer == "adamw_8bit" else "adamw_torch",
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -193,9 +260,9 @@ def training_arguments(cfg: RunConfig, run_dir: Path, device: str) -> TrainingAr
         remove_unused_columns=False,
         dataloader_num_workers=0,
         train_sampling_strategy="sequential",  # order fixed by our seeded shuffle + interleave
-        activation_checkpointing=t.gradient_checkpointing,
-        use_cpu=not cuda,
+        use_cpu=not device.startswith("cuda"),
         disable_tqdm=False,
+        **checkpointing_argument(t.gradient_checkpointing),
     )
 
 
@@ -212,43 +279,56 @@ def train(cfg: RunConfig | str | Path, overrides: list[str] = (), force: bool = 
           callbacks: list | None = None) -> TrainResult:
     """Train one run into ``cfg.output_dir``; skip if complete, resume if interrupted.
 
-    ``callbacks`` are extra ``transformers.TrainerCallback`` objects (loggers, early stops).
+    Order of work: validate everything checkable (output folder, model, data, SafeLoRA
+    sources) and load the model, and only then claim the folder; a run that fails before
+    that writes nothing. ``force`` discards an earlier run of ours with another config
+    (only its files; anything else in the folder stays). ``callbacks`` are extra
+    ``transformers.TrainerCallback`` objects (loggers, early stops).
     """
     if not isinstance(cfg, RunConfig):
         cfg = load_run_config(cfg, overrides)
+    device = default_device()
+    cfg = resolve_runtime(cfg, device)
     run_dir = Path(cfg.output_dir)
     config_text = dump_run_config(cfg)
     main = is_main_process()  # in distributed runs only rank 0 writes the run folder
-    if not _claim_run_dir(run_dir, config_text, force, check=main):
+    if _run_state(run_dir, config_text, force, check=main) == "complete":
         return TrainResult(run_dir, read_json(run_dir / "summary.json"), skipped=True)
     if main:
-        write_text_atomic(run_dir / "config.yaml", config_text)
-        write_json_atomic(run_dir / "provenance.json", provenance())
+        check_writable_target(run_dir)
+    if cfg.defenses.safelora is not None:
+        _check_safelora_sources(cfg)
 
     set_seed(cfg.train.seed)
-    device = default_device()
-    model, tokenizer = load_model(cfg.model, device=device, dtype=torch.float32 if device == "cpu" else None,
-                                  trust_remote_code=cfg.trust_remote_code)
     rows, data_report = prepare_rows(cfg)
+    model, tokenizer = load_model(cfg.model, device=device,
+                                  dtype=WEIGHT_DTYPES[cfg.train.precision],
+                                  trust_remote_code=cfg.trust_remote_code)
     features, too_long = tokenize_rows(rows, tokenizer, cfg.data.max_length,
                                        cfg.data.skip_invalid, data_report["source"])
     data_report.update(tokenized=len(features), skipped_over_length=too_long)
     if not features:
         raise ChatDataError(f"{data_report['source']}: no trainable rows left")
-    if main:
-        write_json_atomic(run_dir / "data_report.json", data_report)
-
     model.train()
     model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                         use_rslora=cfg.lora.use_rslora, targets=cfg.lora.targets)
+    claimed = _claim_run_dir(run_dir, config_text, force) if main else "resume"
+    if main:
+        write_json_atomic(run_dir / "data_report.json", data_report)
+
     trainer = DefendedTrainer(
         model=model, args=training_arguments(cfg, run_dir, device), train_dataset=features,
         data_collator=ChatCollator(tokenizer.pad_token_id), defenses=cfg.defenses,
         callbacks=callbacks,
     )
     started = time.time()
-    last = _last_checkpoint(run_dir / "checkpoints")
-    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    last = last_complete_checkpoint(run_dir / "checkpoints", prune=main)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    except BaseException:
+        if claimed != "resume" and last_complete_checkpoint(run_dir / "checkpoints") is None:
+            remove_ours(run_dir, RUN)  # nothing trained is kept: release the folder we claimed
+        raise
     elapsed = time.time() - started
     if not main:
         return TrainResult(run_dir, {"steps": result.global_step, "rank": os.environ.get("RANK")},
@@ -267,30 +347,86 @@ def train(cfg: RunConfig | str | Path, overrides: list[str] = (), force: bool = 
     return TrainResult(run_dir, summary, skipped=False)
 
 
-def _claim_run_dir(run_dir: Path, config_text: str, force: bool, check: bool = True) -> bool:
-    """False if the run is already complete with this config; error if it holds another config.
+def _run_state(run_dir: Path, config_text: str, force: bool, check: bool = True) -> str:
+    """"complete" (same config, summary written), "resume", "new" or "replace" (force).
 
-    ``check=False`` (non-main ranks) only looks for completion; rank 0 owns the folder."""
+    Raises RunConflictError / FolderConflictError for a folder that holds another config
+    (without ``force``) or files emguard did not write. Writes nothing. ``check=False``
+    (non-main ranks) only looks for completion; rank 0 owns the folder.
+    """
     saved = run_dir / "config.yaml"
+    same = saved.is_file() and saved.read_text(encoding="utf-8") == config_text
     if not check:
-        return not (run_dir / "summary.json").is_file()
-    if saved.is_file() and saved.read_text(encoding="utf-8") != config_text:
-        if not force:
-            raise RunConflictError(
-                f"{run_dir} holds a run with a different config ({saved}); choose another "
-                "output_dir or pass --force to discard it")
-        shutil.rmtree(run_dir)
-    elif force and run_dir.exists():
-        shutil.rmtree(run_dir)
-    return not (run_dir / "summary.json").is_file()
+        return "complete" if same and (run_dir / "summary.json").is_file() else "resume"
+    state = folder_state(run_dir, RUN)
+    if state == "foreign" and not same:  # a matching config proves a run written before markers
+        refuse_foreign(run_dir, RUN, "this run (output_dir)")
+    if same:
+        return "complete" if (run_dir / "summary.json").is_file() else "resume"
+    if state == "free" or (state == "ours" and not saved.is_file()):
+        return "new"
+    if not force:
+        raise RunConflictError(
+            f"{run_dir} holds a run with a different config ({saved}); choose another "
+            "output_dir, or pass --force to discard that run (only its files are removed)")
+    return "replace"
 
 
-def _last_checkpoint(ckpt_dir: Path) -> Path | None:
+def _claim_run_dir(run_dir: Path, config_text: str, force: bool) -> str:
+    """Make ``run_dir`` this run's folder (marker, config.yaml, provenance.json); return
+    its state before ("new", "resume" or "replace").
+
+    Called after the model has loaded; an earlier run of ours with another config is
+    removed here (``force``), file by file, never the folder itself."""
+    state = _run_state(run_dir, config_text, force)
+    if state == "replace":
+        removed = remove_ours(run_dir, RUN)
+        logger.warning("--force: removed the earlier run's %s from %s", ", ".join(removed), run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if read_marker(run_dir, RUN) is None:
+        write_marker(run_dir, RUN, config_sha256=hashlib.sha256(config_text.encode()).hexdigest())
+    if state != "resume":
+        write_text_atomic(run_dir / "config.yaml", config_text)
+        write_json_atomic(run_dir / "provenance.json", provenance())
+    return state
+
+
+def _check_safelora_sources(cfg: RunConfig) -> None:
+    """Resolve SafeLoRA's aligned/unaligned sources now, not after hours of training."""
+    s = cfg.defenses.safelora
+    for field, spec in (("aligned", s.aligned or cfg.model), ("unaligned", s.unaligned)):
+        path = Path(spec).expanduser()
+        if path.is_dir() and (path / "adapter_config.json").is_file():
+            continue  # an adapter directory (instruct + misaligned adapter)
+        try:
+            resolve_model_source(spec)
+        except ModelLoadError as e:
+            raise ConfigError(f"defenses.safelora.{field}: {e}") from None
+
+
+CHECKPOINT_COMPLETE = "trainer_state.json"  # Trainer writes it last into checkpoint-N
+
+
+def last_complete_checkpoint(ckpt_dir: Path, prune: bool = True) -> Path | None:
+    """The newest checkpoint that was written to the end, or None.
+
+    A process killed while Trainer wrote ``checkpoint-N`` leaves it without
+    ``trainer_state.json``; such a folder is treated as absent and (``prune``) removed -
+    it lies inside our own run folder - so training resumes from the newest complete one.
+    """
     if not ckpt_dir.is_dir():
         return None
-    ckpts = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir()),
-                   key=lambda p: int(p.name.split("-")[-1]))
-    return ckpts[-1] if ckpts else None
+    ckpts = sorted((p for p in ckpt_dir.glob("checkpoint-*")
+                    if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    complete = [p for p in ckpts if (p / CHECKPOINT_COMPLETE).is_file()]
+    newest = complete[0] if complete else None
+    if prune:
+        for p in ckpts:
+            if p is not newest and not (p / CHECKPOINT_COMPLETE).is_file():
+                logger.warning("removing incomplete checkpoint %s (interrupted while saved)", p)
+                shutil.rmtree(p, ignore_errors=True)
+    return newest
 
 
 def _summary(cfg: RunConfig, log: list[dict], result, elapsed: float, n_rows: int, resumed: bool) -> dict:
@@ -304,6 +440,8 @@ def _summary(cfg: RunConfig, log: list[dict], result, elapsed: float, n_rows: in
         "first_loss": first.get("loss"), "last_loss": last.get("loss"),
         "first_ce": first.get("ce"), "last_ce": last.get("ce"),
         "last_kl": last.get("kl"), "last_ldifs": last.get("ldifs"),
+        "optimizer": cfg.train.optimizer,
+        "precision": cfg.train.precision,
         "defenses": [name for name in ("kl", "ldifs", "interleave", "safelora")
                      if getattr(cfg.defenses, name) is not None],
         "kl": cfg.defenses.kl.model_dump() if cfg.defenses.kl else None,

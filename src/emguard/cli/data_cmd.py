@@ -32,6 +32,9 @@ def validate(
     except ChatDataError as e:
         err.print(f"[red]invalid:[/red] {e}")
         raise typer.Exit(1) from None
+    if len(ds) == 0:
+        err.print(f"[red]invalid:[/red] {file}: no rows (the file is empty or holds only blank lines)")
+        raise typer.Exit(1)
     too_long = []
     if not no_length_check:
         from emguard.data.masking import TemplateError, tokenize_chat

@@ -85,6 +85,8 @@ def eval_command(
                                                        "drift KL."),
     preference_pairs: Path = typer.Option(None, help="JSONL of {question, aligned, misaligned} "
                                                      "pairs (default: builtin:preference-pairs)."),
+    force: bool = typer.Option(False, "--force", help="--out holds the evaluation of another "
+                               "model/adapter/question set: discard its files (nothing else)."),
 ) -> None:
     """Generate answers, judge them (if a judge is set) and write metrics.json."""
     from emguard.evaluate import run_eval
@@ -100,7 +102,7 @@ def eval_command(
                            drift_max_new_tokens=drift_max_new_tokens, tasks=task or (),
                            task_samples=task_samples, task_questions=task_questions,
                            task_data=task_data, data_seed=data_seed,
-                           preference_pairs=preference_pairs)
+                           preference_pairs=preference_pairs, force=force)
     print_metrics(metrics)
     console.print(f"wrote {out / 'metrics.json'}")
 
@@ -126,10 +128,11 @@ def _clean_errors():
     """Input errors (bad file, spec, key) end the command with their message, no traceback."""
     from emguard.judge import JudgeError
     from emguard.models import ModelLoadError
+    from emguard.ownership import FolderConflictError
 
     try:
         yield
-    except (ValueError, FileNotFoundError, ModelLoadError, JudgeError) as e:
+    except (ValueError, FileNotFoundError, ModelLoadError, JudgeError, FolderConflictError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
 

@@ -15,7 +15,8 @@ def train_command(
                                 "Omit to use the defaults: embedded model, built-in insecure-code task."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.max_steps=20 "
                                           "defenses.kl.weight=0.1 output_dir=runs/kl"),
-    force: bool = typer.Option(False, "--force", help="Discard an existing run folder with another config."),
+    force: bool = typer.Option(False, "--force", help="output_dir holds an earlier run of ours with "
+                               "another config: discard that run's files (nothing else)."),
 ) -> None:
     """Fine-tune with rs-LoRA (+ any defenses in the config) and write a run folder.
 
@@ -25,12 +26,13 @@ def train_command(
     from emguard.config import ConfigError, load_run_config
     from emguard.data.chat import ChatDataError
     from emguard.models import ModelLoadError
-    from emguard.train import RunConflictError, train
+    from emguard.ownership import FolderConflictError
+    from emguard.train import train
 
     try:
         cfg = load_run_config(config, overrides or [])
         result = train(cfg, force=force)
-    except (ConfigError, ChatDataError, ModelLoadError, RunConflictError) as e:
+    except (ConfigError, ChatDataError, ModelLoadError, FolderConflictError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     s = result.summary

@@ -57,6 +57,14 @@ from tqdm.auto import tqdm
 
 from emguard.io import atomic_dir, provenance, read_json, write_json_atomic
 from emguard.models import model_dir
+from emguard.ownership import (
+    SAFELORA,
+    FolderConflictError,
+    check_writable_target,
+    folder_state,
+    refuse_foreign,
+    write_marker,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -495,8 +503,7 @@ def apply_safelora(adapter_dir: str | Path, out_dir: str | Path, *, aligned: str
     """
     _check_tau(tau)
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if out_dir.resolve() == adapter_dir.resolve():
-        raise SafeLoRAError(f"--out must differ from the input adapter '{adapter_dir}'")
+    check_output_dir(adapter_dir, out_dir)
     config, tensors, metadata = read_adapter(adapter_dir)
     pairs, passthrough = group_lora_keys(list(tensors))
     if not pairs:
@@ -540,11 +547,31 @@ def _project_layer(module: str, A: torch.Tensor, B: torch.Tensor, config: dict, 
     return row, out.B_new.contiguous()
 
 
+def check_output_dir(adapter_dir: Path, out_dir: Path) -> None:
+    """Refuse an output folder that would replace the input adapter, a folder holding it,
+    or a folder emguard did not write as a SafeLoRA adapter (it is replaced as a whole)."""
+    adapter, out = adapter_dir.resolve(), out_dir.resolve()
+    if out == adapter:
+        raise SafeLoRAError(f"--out must differ from the input adapter '{adapter_dir}'")
+    if out in adapter.parents:
+        raise SafeLoRAError(f"--out '{out_dir}' holds the input adapter '{adapter_dir}' and would "
+                            "be replaced by the output; choose a new folder, e.g. "
+                            f"'{adapter_dir.parent / 'adapter_safelora'}'")
+    try:
+        check_writable_target(out_dir)
+        if folder_state(out_dir, SAFELORA) == "foreign":
+            refuse_foreign(out_dir, SAFELORA, "the projected adapter (--out)")
+    except FolderConflictError as e:
+        raise SafeLoRAError(str(e)) from None
+
+
 def _write_adapter(adapter_dir: Path, out_dir: Path, tensors: dict[str, torch.Tensor],
                    metadata: dict | None, report: SafeLoRAReport) -> None:
+    check_output_dir(adapter_dir, out_dir)  # again: the folder may have changed meanwhile
     with atomic_dir(out_dir) as tmp:
         for path in sorted(adapter_dir.iterdir()):
-            if path.is_file() and path.name not in (ADAPTER_WEIGHTS, REPORT_NAME):
+            if path.is_file() and path.name not in (ADAPTER_WEIGHTS, REPORT_NAME, SAFELORA.marker):
                 shutil.copy2(path, tmp / path.name)
+        write_marker(tmp, SAFELORA, adapter_in=str(adapter_dir), tau=report.tau)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
         write_json_atomic(tmp / REPORT_NAME, report.to_dict())

@@ -1,0 +1,146 @@
+"""Which output folders emguard wrote, so that a command replaces or removes only those.
+
+Every command that writes a folder (a training run, an evaluation, a SafeLoRA adapter)
+leaves a marker file of its own kind in it (``.emguard-run.json``, ...). A folder is
+*ours* for a command when it holds that command's marker; it is *free* when it does not
+exist or holds none of the files the command writes; anything else is *foreign* and is
+never written into, replaced or removed: the command refuses and says how to proceed.
+Removing a run (``--force``) deletes only the files of that kind, never the folder with
+what else a user keeps in it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from emguard.io import write_json_atomic
+
+State = Literal["free", "ours", "foreign"]
+
+
+class FolderConflictError(RuntimeError):
+    """An output folder that emguard cannot prove it wrote, or that holds other work."""
+
+
+@dataclass(frozen=True)
+class FolderKind:
+    """One kind of output folder: its marker file and the names it writes (globs allowed).
+
+    ``whole=True``: the command owns the whole folder (replaces it atomically), so any
+    file in it counts as one of its files.
+    """
+
+    name: str
+    artifacts: tuple[str, ...]
+    whole: bool = False
+
+    @property
+    def marker(self) -> str:
+        return f".emguard-{self.name}.json"
+
+
+RUN = FolderKind("run", ("config.yaml", "provenance.json", "data_report.json", "checkpoints",
+                         "adapter", "adapter_safelora", "train_log.jsonl", "summary.json"))
+EVAL = FolderKind("eval", ("eval_spec.json", "generations.jsonl", "generations.partial.jsonl",
+                           "judgments.jsonl", "reference_answers.jsonl", "judge_free.json",
+                           "metrics.json", "task_*.json"))
+SAFELORA = FolderKind("safelora", (), whole=True)
+
+
+def check_writable_target(folder: Path) -> None:
+    """Raise FolderConflictError if ``folder`` is a file or cannot be created/written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FolderConflictError(f"output folder '{folder}' is a file, not a folder; choose "
+                                  "another output path")
+    parent = folder if folder.exists() else _nearest_existing(folder)
+    probe = parent / f".emguard-write-test-{time.time_ns()}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise FolderConflictError(f"cannot write into '{parent}' (for output '{folder}'): "
+                                  f"{e.strerror or e}; choose a writable output path") from None
+
+
+def _nearest_existing(path: Path) -> Path:
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FolderConflictError(f"'{parent}' is a file, so the output folder '{path}' "
+                                          "cannot be created under it")
+            return parent
+    return Path(".")
+
+
+def present_artifacts(folder: Path, kind: FolderKind) -> list[str]:
+    """Names in ``folder`` that this kind writes (everything but its marker if ``whole``)."""
+    if not folder.is_dir():
+        return []
+    if kind.whole:
+        return sorted(p.name for p in folder.iterdir() if p.name != kind.marker)
+    found = {p.name for pattern in kind.artifacts for p in folder.glob(pattern)}
+    return sorted(found)
+
+
+def read_marker(folder: Path, kind: FolderKind) -> dict | None:
+    path = Path(folder) / kind.marker
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("kind") == kind.name else None
+
+
+def folder_state(folder: Path, kind: FolderKind) -> State:
+    """free (absent, or none of this kind's files), ours (our marker) or foreign."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FolderConflictError(f"output folder '{folder}' is a file, not a folder; choose "
+                                  "another output path")
+    if read_marker(folder, kind) is not None:
+        return "ours"
+    return "foreign" if present_artifacts(folder, kind) else "free"
+
+
+def write_marker(folder: Path, kind: FolderKind, **info) -> None:
+    """Mark ``folder`` as written by this kind of command (``info``: what it holds)."""
+    write_json_atomic(Path(folder) / kind.marker,
+                      {"kind": kind.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info})
+
+
+def remove_ours(folder: Path, kind: FolderKind) -> list[str]:
+    """Delete this kind's files (and marker) from a folder we own; return what was removed.
+
+    Anything else in the folder stays. Refuses if the folder is not ours.
+    """
+    folder = Path(folder)
+    if folder_state(folder, kind) != "ours":
+        raise FolderConflictError(f"'{folder}' holds no {kind.marker}: emguard did not write it, "
+                                  "so it removes nothing there")
+    removed = present_artifacts(folder, kind)
+    for name in removed:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    (folder / kind.marker).unlink(missing_ok=True)
+    return removed
+
+
+def refuse_foreign(folder: Path, kind: FolderKind, what: str) -> None:
+    """Raise the standard message for a folder that holds files this command did not write."""
+    names = present_artifacts(Path(folder), kind)
+    shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+    raise FolderConflictError(
+        f"'{folder}' already holds {shown} but no {kind.marker}, so emguard cannot tell that it "
+        f"wrote them and will not overwrite or remove them. Choose a new or empty folder for "
+        f"{what}, or move those files away yourself.")
