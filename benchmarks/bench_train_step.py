@@ -9,6 +9,7 @@ over all positions) shows what chunking saves.
 
     python benchmarks/bench_train_step.py                 # tiny-but-wide model, fast
     python benchmarks/bench_train_step.py --embedded      # SmolLM2-135M-Instruct
+    python benchmarks/bench_train_step.py --shape qwen2.5-7b --dtype bf16 --seq 512   # GPU
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ CONFIGS = ["sft", "kl", "ldifs", "kl+ldifs", "kl_unchunked", "forward_only"]
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 
 
-def child(config: str, embedded: bool, steps: int, batch: int, seq: int) -> dict:
+def child(config: str, embedded: bool, steps: int, batch: int, seq: int, shape: str | None = None,
+          dtype: str = "fp32", chunk_size: int = 1024) -> dict:
     import resource
 
     import torch
@@ -36,8 +38,14 @@ def child(config: str, embedded: bool, steps: int, batch: int, seq: int) -> dict
     torch.manual_seed(0)
     torch.set_num_threads(2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     if embedded:
-        model, _ = load_model("smollm2-135m", device=device)
+        model, _ = load_model("smollm2-135m", device=device, dtype=torch_dtype)
+    elif shape:  # random weights of a real architecture's shape, created on the device
+        sys.path.insert(0, str(Path(__file__).parent))
+        from shapes import random_model
+
+        model = random_model(shape, torch_dtype, device)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -51,7 +59,7 @@ def child(config: str, embedded: bool, steps: int, batch: int, seq: int) -> dict
     labels = ids.clone()
     labels[:, : seq // 2] = -100  # second half = "assistant" tokens
     batch_in = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    kl = KLSettings(weight=0.1, chunk_size=10**9 if config == "kl_unchunked" else 1024)
+    kl = KLSettings(weight=0.1, chunk_size=10**9 if config == "kl_unchunked" else chunk_size)
     kwargs = {"sft": {}, "kl": {"kl": kl}, "kl_unchunked": {"kl": kl},
               "ldifs": {"ldifs": LDIFSSettings(weight=1.0)},
               "kl+ldifs": {"kl": kl, "ldifs": LDIFSSettings(weight=1.0)}, "forward_only": {}}[config]
@@ -89,15 +97,31 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--shape", help="random weights of a real shape (benchmarks/shapes.py), "
+                                    "e.g. qwen2.5-7b")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--chunk-size", type=int, default=1024, help="KL positions per chunk")
+    ap.add_argument("--out", type=Path, help="result JSON (default: benchmarks/results/...)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.embedded, a.steps, a.batch, a.seq)))
+        print(json.dumps(child(a.child, a.embedded, a.steps, a.batch, a.seq, a.shape, a.dtype,
+                               a.chunk_size)))
         return
+    result = run_all(a)
+    out = a.out or RESULTS.with_name(f"train_step{'_embedded' if a.embedded else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def run_all(a: argparse.Namespace) -> dict:
+    """Every config in its own subprocess; print the table; return rows + checks."""
     rows = []
     for config in CONFIGS:
         cmd = [sys.executable, __file__, "--child", config, "--steps", str(a.steps),
-               "--batch", str(a.batch), "--seq", str(a.seq)] + (["--embedded"] if a.embedded else [])
+               "--batch", str(a.batch), "--seq", str(a.seq), "--dtype", a.dtype,
+               "--chunk-size", str(a.chunk_size)]
+        cmd += (["--embedded"] if a.embedded else []) + (["--shape", a.shape] if a.shape else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     by = {r["config"]: r for r in rows}
@@ -119,9 +143,8 @@ def main() -> None:
               f"{r['peak_rss_mb']:>14.0f}{r['rss_vs_sft']:>8.2f}")
     for k, v in checks.items():
         print(f"{k}: {v:.3f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.with_name(f"train_step{'_embedded' if a.embedded else ''}.json").write_text(json.dumps(
-        {"settings": vars(a), "rows": rows, "checks": checks}, indent=2) + "\n")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+    return {"settings": settings, "rows": rows, "checks": checks}
 
 
 if __name__ == "__main__":
