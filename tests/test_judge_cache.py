@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import re
 import sqlite3
+import threading
+import time
 
-from emguard.judge.base import Verdict
+import pytest
+
+from emguard.judge.base import JudgeError, Verdict, make_judge
 from emguard.judge.cache import JudgeCache, cache_key
 
 SETTINGS = {"top_logprobs": 20, "threshold": 0.25, "max_tokens": 1, "temperature": 0.0}
@@ -98,7 +103,8 @@ def test_wal_mode(tmp_path):
 def _writer(path: str, worker: int, n: int) -> None:
     with JudgeCache(path) as cache:
         for i in range(n):
-            cache.put(f"{worker}-{i}", Verdict(float(i), 1.0, None, f"w{worker}"), prompt=str(i))
+            cache.put(f"{worker}-{i}", Verdict(float(i % 101), 1.0, None, f"w{worker}"),
+                      prompt=str(i))
             cache.get(f"{1 - worker}-{i}")
 
 
@@ -114,4 +120,124 @@ def test_two_processes_write_concurrently(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     with JudgeCache(path) as cache:
         assert len(cache) == 400
-        assert cache.get("1-199") == Verdict(199.0, 1.0, None, "w1")
+        assert cache.get("1-199") == Verdict(199.0 % 101, 1.0, None, "w1")
+
+
+def _opener(path: str, worker: int, n: int, start: float) -> None:
+    """Open, write and close the file ``n`` times, starting at ``start`` (as racing runs do)."""
+    while time.time() < start:
+        time.sleep(0.001)
+    for i in range(n):
+        with JudgeCache(path) as cache:
+            cache.put(f"{worker}-{i}", Verdict(50.0, 1.0, None, f"w{worker}"))
+            cache.get(f"{1 - worker}-{i}")
+
+
+def test_two_processes_create_and_write_a_fresh_file_at_once(tmp_path):
+    """No 'database is locked': creating the file, switching it to WAL and writing all wait
+    for the other process (busy timeout); with ``timeout_s=0`` this fails."""
+    path = str(tmp_path / "sub" / "c.sqlite")  # neither the folder nor the file exists yet
+    ctx = mp.get_context("spawn")
+    start = time.time() + 3  # both start together, after the slow spawn
+    procs = [ctx.Process(target=_opener, args=(path, w, 60, start)) for w in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    with JudgeCache(path) as cache:
+        assert len(cache) == 120
+
+
+def test_threads_with_their_own_connections_write_concurrently(tmp_path):
+    path = tmp_path / "c.sqlite"
+    errors = []
+
+    def write(worker):
+        try:
+            with JudgeCache(path) as cache:
+                for i in range(100):
+                    cache.put(f"{worker}-{i}", Verdict(1.0, 1.0, None, "t"), raw=[["1", -0.1]])
+        except Exception as e:  # reported below, with the others
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    with JudgeCache(path) as cache:
+        assert len(cache) == 400
+
+
+def test_a_writer_waits_for_a_lock_and_a_too_long_lock_is_a_clear_error(tmp_path):
+    path = tmp_path / "c.sqlite"
+    JudgeCache(path).close()
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")  # another process mid-write
+    with JudgeCache(path, timeout_s=0.3) as impatient:
+        with pytest.raises(JudgeError, match=r"'.*c.sqlite' stayed locked by another process "
+                                             r"for more than 0.3 s.*--judge-cache"):
+            impatient.put("k", Verdict(1.0, 1.0, None, "j"))
+    threading.Timer(0.5, holder.execute, args=("COMMIT",)).start()
+    start = time.monotonic()
+    with JudgeCache(path) as patient:  # default timeout: waits for the commit
+        patient.put("k", Verdict(1.0, 1.0, None, "j"))
+        assert time.monotonic() - start >= 0.4 and len(patient) == 1
+    holder.close()
+
+
+HOW_TO_GO_ON = r"only holds cached verdicts.*move it away or delete it"
+
+
+def test_a_file_that_is_not_sqlite_is_a_clear_error_and_is_left_alone(tmp_path):
+    path = tmp_path / "judge_cache.sqlite"
+    content = b"these are my notes, not a database\n" * 200
+    path.write_bytes(content)
+    with pytest.raises(JudgeError, match=rf"judge cache '{re.escape(str(path))}' is not a usable SQLite file.*"
+                                         rf"{HOW_TO_GO_ON}.*judge_cache.sqlite-wal"):
+        JudgeCache(path)
+    with pytest.raises(JudgeError, match=HOW_TO_GO_ON):  # also through make_judge
+        make_judge("openai:m@http://127.0.0.1:9/v1", cache_path=path)
+    assert path.read_bytes() == content  # never overwritten
+
+
+def test_a_database_of_another_schema_is_a_clear_error(tmp_path):
+    path = tmp_path / "c.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE verdicts (key TEXT PRIMARY KEY, value TEXT)")
+        conn.execute("INSERT INTO verdicts VALUES ('k', 'mine')")
+    conn.close()
+    with pytest.raises(JudgeError, match=r"another schema \(no column\(s\) created, judge, "
+                                         rf"number_mass, prompt, raw, reason, score\).*{HOW_TO_GO_ON}"):
+        JudgeCache(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT * FROM verdicts").fetchall() == [("k", "mine")]
+    conn.close()
+
+
+@pytest.mark.parametrize("column,value", [("number_mass", "abc"), ("number_mass", 7.5),
+                                          ("score", "high"), ("score", 1e9),
+                                          ("judge", b"\xff\x00")])
+def test_garbage_rows_are_a_clear_error(tmp_path, column, value):
+    path = tmp_path / "c.sqlite"
+    with JudgeCache(path) as cache:
+        cache.put("good", Verdict(10.0, 0.9, None, "j"))
+        cache.put("bad", Verdict(10.0, 0.9, None, "j"))
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"UPDATE verdicts SET {column} = ? WHERE key = 'bad'", (value,))
+    conn.close()
+    with JudgeCache(path) as cache:
+        assert cache.get("good") == Verdict(10.0, 0.9, None, "j")
+        with pytest.raises(JudgeError, match=rf"'{re.escape(str(path))}' has a garbage row.*{HOW_TO_GO_ON}"):
+            cache.get_many(["good", "bad"])
+
+
+def test_raw_that_is_not_json_is_a_clear_error(tmp_path):
+    path = tmp_path / "c.sqlite"
+    with JudgeCache(path) as cache:
+        cache.put("k", Verdict(10.0, 0.9, None, "j"), raw=[["1", -0.1]])
+        cache._conn.execute("UPDATE verdicts SET raw = '{broken' WHERE key = 'k'")
+        with pytest.raises(JudgeError, match=r"garbage row.*raw is not JSON"):
+            cache.raw("k")

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from emguard.judge.scoring import aggregate_logprobs, number_value
+from emguard.judge.base import JudgeError
+from emguard.judge.scoring import aggregate_logprobs, aggregate_probabilities, number_value
 
 
 def lp(pairs):
@@ -66,3 +67,38 @@ def test_threshold_is_configurable_and_empty_is_missing():
                                          ("4.5", None), ("", None), (" ", None), ("x1", None)])
 def test_number_value(token, value):
     assert number_value(token) == value
+
+
+@pytest.mark.parametrize("pairs,message", [
+    ([("50", math.nan)], r"logprob nan of token '50' is not a log probability"),
+    ([("50", math.inf)], r"logprob inf of token '50' is not a log probability"),
+    ([("50", 0.5)], r"logprob 0.5 .*not a log probability"),
+    ([("50", "-0.1")], r"logprob '-0.1' of token '50' is not a number"),
+    ([("50", None)], r"logprob None .*is not a number"),
+    ([("50", True)], r"logprob True .*is not a number"),
+    ([(None, -0.1)], r"token None is not text"),
+    ([(50, -0.1)], r"token 50 is not text"),
+    ([("50", math.log(0.9)), ("50", math.log(0.9))], r"add up to probability 1.8 > 1"),
+])
+def test_invalid_answers_are_a_judge_error(pairs, message):
+    with pytest.raises(JudgeError, match=message):
+        aggregate_logprobs(pairs)
+
+
+def test_impossible_but_harmless_values_are_accepted():
+    # -inf and huge negative logprobs are probability 0; a logprob a hair above 0 is rounding.
+    assert aggregate_logprobs([("40", -math.inf), ("60", -10**400), ("I", -1e308)]) == (None, 0.0)
+    score, mass = aggregate_logprobs([("70", 1e-6)])
+    assert (score, mass) == (70.0, 1.0)
+    score, mass = aggregate_logprobs([("100", math.log(0.6)), ("100 ", math.log(0.405))])
+    assert mass == 1.0 and score == 100.0  # 1.005 is rounding: clamped, not an error
+
+
+def test_probabilities_and_threshold_are_checked():
+    assert aggregate_probabilities({10: 0.5, 30: 0.5}) == (20.0, 1.0)
+    for bad in (math.nan, math.inf, -0.1):
+        with pytest.raises(JudgeError, match="finite and >= 0"):
+            aggregate_probabilities({10: 0.5, 30: bad})
+    for threshold in (-0.1, 1.5, math.nan):
+        with pytest.raises(JudgeError, match="threshold must be in"):
+            aggregate_probabilities({10: 1.0}, threshold)

@@ -1,7 +1,8 @@
 """LLM judges: a prompt in, a 0..100 score out (Betley et al. logprob scoring), cached.
 
 ``make_judge("openai:gpt-4o-mini", cache_path=...)`` or ``make_judge("local:MODEL")``;
-then ``judge.score(prompts) -> list[Verdict]``. Backends import lazily.
+then ``judge.score(prompts) -> list[Verdict]``. Backends import lazily. An API judge's
+``judge.check()`` tests key and endpoint before anything is paid for.
 """
 
 from emguard.judge.base import DEFAULT_THRESHOLD, Judge, JudgeError, Verdict, make_judge

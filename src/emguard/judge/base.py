@@ -8,12 +8,15 @@ refusals, code answers) the score is missing (``None``) and ``reason`` says why.
 Judge specs (``make_judge``):
   * ``openai:MODEL``            OpenAI API (key from ``$OPENAI_API_KEY``)
   * ``openai:MODEL@BASE_URL``   any OpenAI-compatible server, e.g. ``vllm serve``
-                                (``openai:Qwen/Qwen2.5-32B-Instruct@http://localhost:8000/v1``)
+                                (``openai:Qwen/Qwen2.5-32B-Instruct@http://localhost:8000/v1``;
+                                the URL needs ``http://``; a server without a key needs
+                                no ``$OPENAI_API_KEY``)
   * ``local:MODEL_SPEC``        a Hugging Face causal LM loaded by ``emguard.models.load_model``
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -31,7 +34,9 @@ class Verdict:
 
     score: probability-weighted mean over integers 0..100, ``None`` = missing.
     number_mass: total probability on the integers 0..100 (in [0, 1]).
-    reason: ``None`` when scored; else why not, e.g. ``"low_number_mass"``, ``"api_error"``.
+    reason: ``None`` when scored; else why not: ``"low_number_mass"`` (a real answer, cached),
+      or a failure, never cached: ``"api_error: HTTP 400: ..."``, ``"no_logprobs"``,
+      ``"bad_response: ..."``.
     judge: the judge's name, e.g. ``"openai:gpt-4o-mini"``.
     """
 
@@ -55,15 +60,33 @@ class Judge(Protocol):
 
 
 def parse_openai_spec(rest: str) -> tuple[str, str | None]:
-    """``"MODEL[@BASE_URL]"`` -> (model, base_url or None). The URL must start with http(s)://."""
-    model, sep, url = rest.rpartition("@")
-    if sep and url.startswith(("http://", "https://")):
+    """``"MODEL[@BASE_URL]"`` -> (model, base_url or None). The URL must start with http(s)://.
+
+    Model names hold no ``'@'``, so the first ``'@'`` starts the URL (which may itself hold
+    ``user:password@``). A part after ``'@'`` that looks like a server address without a
+    scheme (``localhost``, a dot or ``:PORT`` in its host part) is an error, never a model name.
+    """
+    model, sep, url = rest.partition("@")
+    if sep and "://" in url:
+        if not url.lower().startswith(("http://", "https://")):
+            raise JudgeError(f"judge spec 'openai:{rest}': the base URL '{url}' must start with "
+                             "http:// or https://")
         if not model:
             raise JudgeError(f"judge spec 'openai:{rest}' has no model name before '@'")
         return model, url
+    if sep and (not url or _looks_like_host(url)):
+        example = f"http://{url or 'localhost:8000'}" + ("" if "/" in url else "/v1")
+        raise JudgeError(f"judge spec 'openai:{rest}': the base URL after '@' has no http:// or "
+                         f"https://; write it in full, e.g. 'openai:{model or 'MODEL'}@{example}'")
     if not rest:
         raise JudgeError("judge spec 'openai:' has no model name (e.g. 'openai:gpt-4o-mini')")
     return rest, None
+
+
+def _looks_like_host(text: str) -> bool:
+    """``host[:port][/path]``: 'localhost', a dot or ':digits' in the part before any '/'."""
+    host = text.split("/", 1)[0].lower()
+    return "." in host or host.split(":")[0] == "localhost" or re.search(r":\d+$", host) is not None
 
 
 def make_judge(spec: str, cache_path: str | Path | None = None, **kw: Any) -> Judge:

@@ -173,22 +173,28 @@ class LocalJudge:
         """Verdicts for ``prompts`` (in order); cached ones are not computed again."""
         keys = [self.key(p) for p in prompts]
         done: dict[str, Verdict] = self.cache.get_many(keys) if self.cache else {}
-        todo = {k: p for k, p in zip(keys, prompts, strict=True) if k not in done}
-        if todo:
-            logp = self.number_logprobs(list(todo.values()))
-            for (key, prompt), row in zip(todo.items(), logp, strict=True):
+        todo = list({k: p for k, p in zip(keys, prompts, strict=True) if k not in done}.items())
+        step = 8 * self.batch_size  # cached as it goes: a killed run keeps what it judged
+        bar = tqdm(total=len(todo), desc=f"judge {self.name}", unit="prompt",
+                   disable=not self.progress or not todo)
+        for start in range(0, len(todo), step):
+            part = todo[start:start + step]
+            logp = self.number_logprobs([p for _, p in part], progress=False)
+            for (key, prompt), row in zip(part, logp, strict=True):
                 done[key] = self._verdict(row)
                 if self.cache is not None:
                     self.cache.put(key, done[key], raw=row.exp().tolist(), prompt=prompt)
+            bar.update(len(part))
+        bar.close()
         return [done[k] for k in keys]
 
-    def number_logprobs(self, prompts: list[str]) -> torch.Tensor:
+    def number_logprobs(self, prompts: list[str], progress: bool | None = None) -> torch.Tensor:
         """(N, 101) float64 log P(answer = n) for n = 0..100, per prompt."""
         encoded = [render_prompt(self.tokenizer, p) for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # less padding
         out = torch.empty(len(encoded), N_NUMBERS, dtype=torch.float64)
         bar = tqdm(total=len(encoded), desc=f"judge {self.name}", unit="prompt",
-                   disable=not self.progress)
+                   disable=not (self.progress if progress is None else progress))
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
