@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from emguard import models
 from emguard.evaluate import EvalConflictError, judge_generations, run_eval
 from emguard.io import read_json, read_jsonl
-from emguard.judge.base import Verdict
+from emguard.judge.base import JudgeError, Verdict
 
 QUESTIONS = """\
 - id: q_a
@@ -278,3 +278,50 @@ def test_benign_task_is_wired_and_cached(files, load_counter):
     again = _run(files, None, samples=1, judge_free=False, tasks=["opswap:2"], task_samples=2,
                  task_questions=3)
     assert again["tasks"] == m["tasks"] and len(load_counter) == 1
+
+
+class FailingOnceJudge(CountingJudge):
+    """Answers its first call with API errors (as a judge with a transient 400 does), then
+    with real verdicts; its ``check`` fails when ``check_error`` is set."""
+
+    def __init__(self, check_error: str | None = None):
+        super().__init__("test:flaky")
+        self.check_error, self.checks = check_error, 0
+
+    def check(self):
+        self.checks += 1
+        if self.check_error:
+            raise JudgeError(self.check_error)
+
+    def score(self, prompts):
+        if self.calls == 0:
+            self.calls += 1
+            return [Verdict(None, 0.0, "api_error: HTTP 400: too long", self.name) for _ in prompts]
+        return super().score(prompts)
+
+
+def test_failed_judgments_are_retried_and_final_ones_reused(files):
+    judge = FailingOnceJudge()
+    first = _run(files, judge, samples=1, judge_free=False)
+    assert first["llm_judge"]["overall"]["n_missing"] == 3
+    again = _run(files, judge, samples=1, judge_free=False)
+    rows = read_jsonl(files["out"] / "judgments.jsonl")
+    assert judge.prompts == 6 and not any("api_error" in str(r["aligned_reason"]) for r in rows)
+    expected = sum(r["aligned"] is None or r["coherent"] is None for r in rows)  # low mass only
+    assert again["llm_judge"]["overall"]["n_missing"] == expected < 3
+    _run(files, judge, samples=1, judge_free=False)
+    assert judge.prompts == 6  # final verdicts are reused, not asked again
+
+
+def test_judge_is_checked_before_generating_unless_all_is_judged(files):
+    broken = FailingOnceJudge(check_error="no key in $OPENAI_API_KEY")
+    with pytest.raises(JudgeError, match="OPENAI_API_KEY"):
+        _run(files, broken, samples=1, judge_free=False)
+    assert not (files["out"] / "generations.jsonl").exists()  # failed before generating
+    ok = FailingOnceJudge()
+    _run(files, ok, samples=1, judge_free=False)
+    _run(files, ok, samples=1, judge_free=False)  # retries the failed ones: checked again
+    assert ok.checks == 2
+    ok.check_error = "no key"
+    _run(files, ok, samples=1, judge_free=False)  # everything judged: no key needed
+    assert ok.checks == 2

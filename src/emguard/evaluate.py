@@ -33,6 +33,7 @@ from emguard.ownership import (
     EVAL,
     FolderConflictError,
     check_writable_target,
+    folder_lock,
     folder_state,
     read_marker,
     refuse_foreign,
@@ -237,9 +238,30 @@ def judge_rows(rows: list[dict], questions: dict[str, Question], judge,
     return [fresh.get(_key(r)) or existing[_key(r)] for r in rows]
 
 
+FINAL_REASONS = (None, "low_number_mass")  # other reasons (API errors, bad answers) are retried
+
+
 def _reusable(old: dict | None, row: dict, judge_name: str, templates_sha: str) -> bool:
     return (old is not None and old.get("judge") == judge_name
-            and old.get("gen_key") == row["gen_key"] and old.get("templates_sha") == templates_sha)
+            and old.get("gen_key") == row["gen_key"] and old.get("templates_sha") == templates_sha
+            and old.get("aligned_reason") in FINAL_REASONS
+            and old.get("coherent_reason") in FINAL_REASONS)
+
+
+def _preflight_judge(judge, out: Path, gen_key: str) -> None:
+    """Check an API judge (key, endpoint, model) before generating, unless every answer of
+    this evaluation is already judged by it (a cached rerun needs no key)."""
+    check = getattr(judge, "check", None)
+    if check is None:
+        return
+    path = out / "judgments.jsonl"
+    if path.is_file():
+        rows = read_jsonl(path)
+        if rows and all(r.get("judge") == judge.name and r.get("gen_key") == gen_key
+                        and r.get("aligned_reason") in FINAL_REASONS
+                        and r.get("coherent_reason") in FINAL_REASONS for r in rows):
+            return
+    check()
 
 
 def _make_judge(judge, judge_cache: str | Path | None):
@@ -385,36 +407,54 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     out = Path(out_dir)
     check_writable_target(out)
-    qs = resolve_questions(questions_file, domain, max_questions, judge_prompts, data_seed)
-    judge = _make_judge(judge_spec, judge_cache)
-    if judge is not None:
-        _require_judge_prompts(qs)
-    gen = GenerationSettings(samples, temperature, top_p, max_new_tokens, seed, backend)
-    spec = {"model": model_spec, "adapter": str(adapter_dir) if adapter_dir else None,
-            "adapter_sha256": adapter_fingerprint(adapter_dir),
-            "questions": {"source": qs.source, "sha256": qs.sha256, "kind": qs.kind,
-                          "domain": qs.domain, "n_questions": len(qs.questions),
-                          "max_questions": max_questions, "judge_prompts": judge_prompts,
-                          "data_seed": data_seed,
-                          "skipped": qs.skipped, "warnings": qs.warnings},
-            "generation": gen.as_dict(), "judge": getattr(judge, "name", None)}
-    spec["gen_key"] = _sha({k: spec[k] for k in ("model", "adapter_sha256", "generation")}
-                           | {"questions": qs.sha256, "max_questions": max_questions})
-    spec["provenance"] = provenance()
-    claim_eval_dir(out, spec, force)
-    write_json_atomic(out / "eval_spec.json", spec)
+    _check_inputs(model_spec, adapter_dir, device, tasks)
+    with folder_lock(out):  # one process at a time writes an eval folder
+        qs = resolve_questions(questions_file, domain, max_questions, judge_prompts, data_seed)
+        judge = _make_judge(judge_spec, judge_cache)
+        if judge is not None:
+            _require_judge_prompts(qs)
+        gen = GenerationSettings(samples, temperature, top_p, max_new_tokens, seed, backend)
+        spec = {"model": model_spec, "adapter": str(adapter_dir) if adapter_dir else None,
+                "adapter_sha256": adapter_fingerprint(adapter_dir),
+                "questions": {"source": qs.source, "sha256": qs.sha256, "kind": qs.kind,
+                              "domain": qs.domain, "n_questions": len(qs.questions),
+                              "max_questions": max_questions, "judge_prompts": judge_prompts,
+                              "data_seed": data_seed,
+                              "skipped": qs.skipped, "warnings": qs.warnings},
+                "generation": gen.as_dict(), "judge": getattr(judge, "name", None)}
+        spec["gen_key"] = _sha({k: spec[k] for k in ("model", "adapter_sha256", "generation")}
+                               | {"questions": qs.sha256, "max_questions": max_questions})
+        spec["provenance"] = provenance()
+        claim_eval_dir(out, spec, force)
+        if judge is not None:
+            _preflight_judge(judge, out, spec["gen_key"])
+        write_json_atomic(out / "eval_spec.json", spec)
 
-    holder = _Model(model_spec, adapter_dir, device)
-    by_id = {q.id: q for q in qs.questions}
-    rows = _generate(out, plan_rows(qs.questions, samples), by_id, gen, spec["gen_key"], holder,
-                     spec, batch_size, progress)
-    free = (_judge_free(out, qs, rows, holder, spec, preference_pairs, drift_max_new_tokens,
-                        batch_size, progress) if judge_free else None)
-    task_results = {t: _task(out, t, holder, gen, spec, task_samples, task_questions, task_data,
-                             batch_size) for t in tasks}
-    holder.release()
-    return _finish(out, rows, by_id, judge, spec, thresholds,
-                   judge_free_summary(free) if free else None, task_results)
+        holder = _Model(model_spec, adapter_dir, device)
+        by_id = {q.id: q for q in qs.questions}
+        rows = _generate(out, plan_rows(qs.questions, samples), by_id, gen, spec["gen_key"], holder,
+                         spec, batch_size, progress)
+        free = (_judge_free(out, qs, rows, holder, spec, preference_pairs, drift_max_new_tokens,
+                            batch_size, progress) if judge_free else None)
+        task_results = {t: _task(out, t, holder, gen, spec, task_samples, task_questions, task_data,
+                                 batch_size) for t in tasks}
+        holder.release()
+        return _finish(out, rows, by_id, judge, spec, thresholds,
+                       judge_free_summary(free) if free else None, task_results)
+
+
+def _check_inputs(model_spec: str, adapter_dir, device: str | None, tasks) -> None:
+    """Everything about the subject that can be checked before any model is loaded."""
+    from emguard.benign import parse_task
+    from emguard.models import ModelLoadError, check_device, resolve_model_source
+
+    check_device(device)
+    resolve_model_source(model_spec)
+    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise ModelLoadError(f"--adapter '{adapter_dir}' is not a PEFT adapter directory "
+                             "(no adapter_config.json in it)")
+    for task in tasks:
+        parse_task(task)
 
 
 def _describe(spec: dict) -> str:
@@ -499,10 +539,11 @@ def judge_generations(generations: str | Path, judge_spec, questions_file: str |
     out = Path(out_dir) if out_dir else gpath.parent
     rows = read_jsonl(gpath)
     spec = {**spec, "judge": judge.name} if spec else {"generations": str(gpath), "judge": judge.name}
-    if out.resolve() != gpath.parent.resolve():
-        check_writable_target(out)
-        claim_eval_dir(out, {**spec, "gen_key": spec.get("gen_key") or _sha(rows)})
-    old = gpath.parent / "metrics.json"
-    prior = read_json(old) if old.is_file() else {}
-    return _finish(out, rows, {q.id: q for q in qs.questions}, judge, spec, thresholds,
-                   prior.get("judge_free"), prior.get("tasks"))
+    with folder_lock(out):
+        if out.resolve() != gpath.parent.resolve():
+            check_writable_target(out)
+            claim_eval_dir(out, {**spec, "gen_key": spec.get("gen_key") or _sha(rows)})
+        old = gpath.parent / "metrics.json"
+        prior = read_json(old) if old.is_file() else {}
+        return _finish(out, rows, {q.id: q for q in qs.questions}, judge, spec, thresholds,
+                       prior.get("judge_free"), prior.get("tasks"))

@@ -90,6 +90,15 @@ def materialised_gguf_dir(source: ModelSource) -> Path:
     target = cache_dir() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
     if (target / "config.json").is_file():
         return target
+    from emguard.ownership import folder_lock
+
+    with folder_lock(target, wait=1800):  # another process may be materialising it right now
+        if (target / "config.json").is_file():
+            return target
+        return _materialise(source, gguf_path, target)
+
+
+def _materialise(source: ModelSource, gguf_path: Path, target: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
@@ -124,6 +133,27 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | None) -> str:
+    """``device`` (default: cuda if available) after checking it exists; ModelLoadError if not."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelLoadError(f"--device '{device}' is not a device (use cpu, cuda or cuda:N): {e}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ModelLoadError(f"--device {device}: no CUDA device is available (torch "
+                                 f"{torch.__version__}, {built}); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
+                                 "device(s) are visible")
+    elif parsed.type != "cpu":
+        raise ModelLoadError(f"--device '{device}': only cpu and cuda[:N] are supported")
+    return device
+
+
 def default_dtype(device: str) -> torch.dtype:
     """CPU: fp32. CUDA: bf16 where supported, else fp16."""
     if device.startswith("cuda"):
@@ -152,7 +182,7 @@ def load_model(spec: str, device: str | None = None, dtype: torch.dtype | None =
     """
     from transformers import AutoModelForCausalLM
 
-    device = device or default_device()
+    device = check_device(device)
     dtype = dtype or default_dtype(device)
     path = model_dir(spec)
     try:
@@ -201,4 +231,24 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelLoadError(f"'{adapter_dir}' is not a PEFT adapter directory "
                              "(no adapter_config.json in it)")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ModelLoadError(adapter_mismatch_message(model, adapter_dir, e)) from None
+
+
+def adapter_mismatch_message(model, adapter_dir: Path, error: Exception) -> str:
+    """Why an adapter does not load onto ``model``: the base it was trained on, and the
+    first line of PEFT's / torch's error."""
+    import json
+
+    try:
+        trained_on = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")
+                                ).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        trained_on = None
+    this = getattr(model.config, "_name_or_path", None) or type(model).__name__
+    detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    return (f"adapter '{adapter_dir}' does not fit the model '{this}': it was trained on "
+            f"'{trained_on or 'an unrecorded base model'}' ({detail}). Pass the base model the "
+            "adapter was trained on (--model).")

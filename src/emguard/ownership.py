@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -144,3 +146,31 @@ def refuse_foreign(folder: Path, kind: FolderKind, what: str) -> None:
         f"'{folder}' already holds {shown} but no {kind.marker}, so emguard cannot tell that it "
         f"wrote them and will not overwrite or remove them. Choose a new or empty folder for "
         f"{what}, or move those files away yourself.")
+
+
+def lock_path(folder: Path) -> Path:
+    """The lock file of ``folder``: a hidden sibling, so taking it never creates the folder."""
+    folder = Path(folder).absolute()
+    return folder.parent / f".{folder.name}.emguard-lock"
+
+
+@contextmanager
+def folder_lock(folder: Path, wait: float = 0.0) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` for the block (an OS file lock, released when
+    the process ends, even by kill -9). Another process holding it: wait up to ``wait``
+    seconds, then FolderConflictError."""
+    from filelock import FileLock, Timeout
+
+    path = lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), timeout=wait)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise FolderConflictError(
+            f"another emguard process is writing '{folder}' (it holds {path}); wait for it to "
+            "finish or choose another output folder") from None
+    try:
+        yield
+    finally:
+        lock.release()

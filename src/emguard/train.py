@@ -26,6 +26,7 @@ import random
 import shutil
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,7 @@ from emguard.ownership import (
     RUN,
     FolderConflictError,
     check_writable_target,
+    folder_lock,
     folder_state,
     read_marker,
     refuse_foreign,
@@ -283,15 +285,21 @@ def train(cfg: RunConfig | str | Path, overrides: list[str] = (), force: bool = 
     sources) and load the model, and only then claim the folder; a run that fails before
     that writes nothing. ``force`` discards an earlier run of ours with another config
     (only its files; anything else in the folder stays). ``callbacks`` are extra
-    ``transformers.TrainerCallback`` objects (loggers, early stops).
+    ``transformers.TrainerCallback`` objects (loggers, early stops). Rank 0 holds a lock on
+    the folder throughout, so a second process cannot train into it at the same time.
     """
     if not isinstance(cfg, RunConfig):
         cfg = load_run_config(cfg, overrides)
     device = default_device()
     cfg = resolve_runtime(cfg, device)
+    main = is_main_process()  # in distributed runs only rank 0 writes the run folder
+    with folder_lock(Path(cfg.output_dir)) if main else nullcontext():
+        return _train(cfg, device, main, force, callbacks)
+
+
+def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> TrainResult:
     run_dir = Path(cfg.output_dir)
     config_text = dump_run_config(cfg)
-    main = is_main_process()  # in distributed runs only rank 0 writes the run folder
     if _run_state(run_dir, config_text, force, check=main) == "complete":
         return TrainResult(run_dir, read_json(run_dir / "summary.json"), skipped=True)
     if main:
@@ -309,6 +317,7 @@ def train(cfg: RunConfig | str | Path, overrides: list[str] = (), force: bool = 
     data_report.update(tokenized=len(features), skipped_over_length=too_long)
     if not features:
         raise ChatDataError(f"{data_report['source']}: no trainable rows left")
+    _check_ldifs_layers(cfg, model)
     model.train()
     model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                         use_rslora=cfg.lora.use_rslora, targets=cfg.lora.targets)
@@ -324,27 +333,51 @@ def train(cfg: RunConfig | str | Path, overrides: list[str] = (), force: bool = 
     started = time.time()
     last = last_complete_checkpoint(run_dir / "checkpoints", prune=main)
     try:
-        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+        if last is not None and _is_final(last):
+            state = _restore_final_checkpoint(model, last)  # killed after its last step
+        else:
+            trainer.train(resume_from_checkpoint=str(last) if last else None)
+            state = trainer.state
     except BaseException:
         if claimed != "resume" and last_complete_checkpoint(run_dir / "checkpoints") is None:
             remove_ours(run_dir, RUN)  # nothing trained is kept: release the folder we claimed
         raise
     elapsed = time.time() - started
     if not main:
-        return TrainResult(run_dir, {"steps": result.global_step, "rank": os.environ.get("RANK")},
+        return TrainResult(run_dir, {"steps": state.global_step, "rank": os.environ.get("RANK")},
                            skipped=False)
 
     with atomic_dir(run_dir / "adapter") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    log = [e for e in trainer.state.log_history if "loss" in e]
+    log = [e for e in state.log_history if "loss" in e]
     write_jsonl_atomic(run_dir / "train_log.jsonl", log)
-    summary = _summary(cfg, log, result, elapsed, len(features), bool(last))
+    summary = _summary(cfg, log, state.global_step, elapsed, len(features), bool(last))
     if cfg.defenses.safelora is not None:
         summary["safelora"] = _apply_safelora(cfg, run_dir)
     write_json_atomic(run_dir / "summary.json", summary)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return TrainResult(run_dir, summary, skipped=False)
+
+
+def _is_final(checkpoint: Path) -> bool:
+    """True for a checkpoint written at the run's last step (its trainer_state says so)."""
+    state = read_json(checkpoint / CHECKPOINT_COMPLETE)
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
+def _restore_final_checkpoint(model, checkpoint: Path):
+    """Load the adapter weights and trainer state of a final checkpoint, without training.
+
+    Trainer resumed from a checkpoint at ``max_steps`` runs one step more than asked
+    (transformers 5.24), so a run killed after its last checkpoint is restored instead.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+    return TrainerState.load_from_json(str(checkpoint / CHECKPOINT_COMPLETE))
 
 
 def _run_state(run_dir: Path, config_text: str, force: bool, check: bool = True) -> str:
@@ -391,6 +424,21 @@ def _claim_run_dir(run_dir: Path, config_text: str, force: bool) -> str:
     return state
 
 
+def _check_ldifs_layers(cfg: RunConfig, model) -> None:
+    """An LDIFS layer list this model cannot have is a config error, found before training."""
+    if cfg.defenses.ldifs is None:
+        return
+    from emguard.defenses.ldifs import ldifs_layers
+
+    n_states = model.config.get_text_config().num_hidden_layers + 1
+    try:
+        ldifs_layers(n_states, cfg.defenses.ldifs.layer_every, cfg.defenses.ldifs.layers)
+    except ValueError as e:
+        field = "layers" if cfg.defenses.ldifs.layers is not None else "layer_every"
+        raise ConfigError(f"defenses.ldifs.{field}: {e} (this model has {n_states - 1} layers; "
+                          "hidden state 0 is the embeddings)") from None
+
+
 def _check_safelora_sources(cfg: RunConfig) -> None:
     """Resolve SafeLoRA's aligned/unaligned sources now, not after hours of training."""
     s = cfg.defenses.safelora
@@ -429,12 +477,13 @@ def last_complete_checkpoint(ckpt_dir: Path, prune: bool = True) -> Path | None:
     return newest
 
 
-def _summary(cfg: RunConfig, log: list[dict], result, elapsed: float, n_rows: int, resumed: bool) -> dict:
+def _summary(cfg: RunConfig, log: list[dict], steps: int, elapsed: float, n_rows: int,
+             resumed: bool) -> dict:
     first, last = (log[0], log[-1]) if log else ({}, {})
     return {
         "model": cfg.model,
         "train_rows": n_rows,
-        "steps": result.global_step,
+        "steps": steps,
         "train_seconds": round(elapsed, 2),
         "resumed_from_checkpoint": resumed,
         "first_loss": first.get("loss"), "last_loss": last.get("loss"),

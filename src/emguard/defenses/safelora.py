@@ -61,6 +61,7 @@ from emguard.ownership import (
     SAFELORA,
     FolderConflictError,
     check_writable_target,
+    folder_lock,
     folder_state,
     refuse_foreign,
     write_marker,
@@ -567,8 +568,8 @@ def check_output_dir(adapter_dir: Path, out_dir: Path) -> None:
 
 def _write_adapter(adapter_dir: Path, out_dir: Path, tensors: dict[str, torch.Tensor],
                    metadata: dict | None, report: SafeLoRAReport) -> None:
-    check_output_dir(adapter_dir, out_dir)  # again: the folder may have changed meanwhile
-    with atomic_dir(out_dir) as tmp:
+    with folder_lock(out_dir, wait=60), atomic_dir(out_dir) as tmp:
+        check_output_dir(adapter_dir, out_dir)  # again, under the lock: it may have changed
         for path in sorted(adapter_dir.iterdir()):
             if path.is_file() and path.name not in (ADAPTER_WEIGHTS, REPORT_NAME, SAFELORA.marker):
                 shutil.copy2(path, tmp / path.name)
