@@ -120,7 +120,7 @@ def test_a_second_process_cannot_train_or_evaluate_into_a_locked_folder(tiny_dir
     assert train(config(tiny_dir, data_file, run)).summary["steps"] == 2
 
 
-def test_folder_lock_waits_for_the_holder_and_never_creates_the_folder(tmp_path):
+def test_folder_lock_waits_for_the_holder_and_never_touches_the_folder(tmp_path):
     folder = tmp_path / "a" / "b"
     holder = hold_lock(folder, 1.5)
     start = time.monotonic()
@@ -128,7 +128,8 @@ def test_folder_lock_waits_for_the_holder_and_never_creates_the_folder(tmp_path)
         waited = time.monotonic() - start
     holder.wait()
     assert waited > 0.5  # it waited for the other process, then got the lock
-    assert lock_path(folder).parent == folder.parent and not folder.exists()
+    assert not folder.exists() and not folder.parent.exists()  # nothing made beside it
+    assert lock_path(folder) != lock_path(tmp_path / "a" / "c")
 
 
 @pytest.mark.e2e

@@ -149,9 +149,15 @@ def refuse_foreign(folder: Path, kind: FolderKind, what: str) -> None:
 
 
 def lock_path(folder: Path) -> Path:
-    """The lock file of ``folder``: a hidden sibling, so taking it never creates the folder."""
-    folder = Path(folder).absolute()
-    return folder.parent / f".{folder.name}.emguard-lock"
+    """The lock file of ``folder``, kept in the user cache (``$EMGUARD_CACHE/locks``), so
+    taking a lock never creates or litters the user's folders."""
+    import hashlib
+
+    from emguard.models import cache_dir
+
+    folder = Path(folder).expanduser().absolute()
+    digest = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+    return cache_dir() / "locks" / f"{folder.name or 'root'}-{digest}.lock"
 
 
 @contextmanager

@@ -22,11 +22,12 @@ def safelora(
     iff cos_F(W, C W) < tau; writes a PEFT adapter plus safelora_report.json."""
     from emguard.defenses.safelora import REPORT_NAME, SafeLoRAError, apply_safelora
     from emguard.models import ModelLoadError
+    from emguard.ownership import FolderConflictError
 
     try:
         report = apply_safelora(adapter, out, aligned=aligned, unaligned=unaligned, tau=tau,
                                 progress=not quiet)
-    except (SafeLoRAError, ModelLoadError) as e:
+    except (SafeLoRAError, ModelLoadError, FolderConflictError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(code=2) from e
     _print_summary(report, out / REPORT_NAME)
