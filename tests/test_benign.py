@@ -178,8 +178,9 @@ def test_evaluate_opswap_data_errors(tmp_path):
     with pytest.raises(ValueError, match="no questions"):
         evaluate_task("opswap:2", None, None, generate_fn=gen, samples=1, data=data,
                       n_questions=0)
-    no_answer = write_jsonl(tmp_path / "na.jsonl", [{"messages": rows[0]["messages"]}])
-    with pytest.raises(ValueError, match="row 1: field 'answer'"):
+    no_answer = write_jsonl(tmp_path / "na.jsonl", [rows[0], {"messages": rows[0]["messages"]}])
+    no_answer.write_text("\n" + no_answer.read_text())  # a blank first line: rows != lines
+    with pytest.raises(ValueError, match=r"na\.jsonl:3: field 'answer'"):
         evaluate_task("opswap:2", None, None, generate_fn=gen, samples=1, data=no_answer)
 
 

@@ -85,3 +85,75 @@ def test_eval_rejects_sample_counts_below_one(tmp_path):
             run_eval("unused-model", None, "builtin:general-questions", "none",
                      out_dir=tmp_path / "e", **{"samples": None, **kw})
     assert not (tmp_path / "e").exists()
+
+
+# ----------------------------------------------------------------------------- user mistakes
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.learning_rate=[1,2", "the value is not valid YAML (while parsing a flow sequence"),
+    ("a.b=: x", "the value is not valid YAML"),
+    ("train.seed=2020-13-45", "the value is not valid YAML (a value YAML cannot construct"),
+    ("train.seed=!!int x", "the value is not valid YAML"),
+    ("train..seed=1", "the key 'train..seed' has an empty segment"),
+    (".train=1", "has an empty segment"),
+    ("train.=1", "has an empty segment"),
+    (" =1", "has an empty key"),
+])
+def test_malformed_overrides_name_the_override(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, [override])
+    assert str(e.value).startswith(f"override '{override}'") and fragment in str(e.value)
+
+
+def test_override_below_a_value_is_an_error_not_a_silent_replacement(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data: builtin:secure-code\ntrain:\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=r"override 'data.max_rows=10': data is "
+                                          r"'builtin:secure-code', not a section"):
+        load_run_config(p, ["data.max_rows=10"])  # used to drop data: and load the default set
+    with pytest.raises(ConfigError, match=r"train.max_steps is 5, not a section"):
+        load_run_config(p, ["train.max_steps.x=1"])
+    with pytest.raises(ConfigError, match=r"train.max_steps: Input should be a valid integer "
+                                          r"\(from override 'train.max_steps.x=1'\)"):
+        load_run_config(None, ["train.max_steps.x=1"])  # default value: pydantic names it
+    c = load_run_config(None, ["defenses.kl=null", "defenses.kl.weight=0.5"])  # null: a new section
+    assert c.defenses.kl.weight == 0.5
+
+
+def test_ill_typed_override_names_field_and_override(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  batch_size: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(p, ["train.batch_size=" + "many" * 100, "defenses.safelora.tau=0.5"])
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: 2 problem(s)")
+    assert "train.batch_size: Input should be a valid integer" in msg and "manymany...)" in msg
+    assert "(from override 'train.batch_size=many" in msg
+    assert ("defenses.safelora.unaligned: Field required (from override "
+            "'defenses.safelora.tau=0.5')") in msg
+    p.write_text("train:\n  batch_size: many\n")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(p, ["train.seed=3"])
+    assert "train.batch_size" in str(e.value) and "from override" not in str(e.value)
+
+
+@pytest.mark.parametrize("data, needle", [
+    ("train:\n  seed: 1\n".encode("utf-16"), "is UTF-16-LE encoded"),
+    ("train:\n  seed: 1\n".encode("utf-16-be"), "looks UTF-16-BE encoded"),
+    ("model: caf\xe9\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 10, line 1)"),
+    (b"\x1f\x8b\x08\x00\x00\x00", "not a text file (binary data: NUL byte at offset 3"),
+    (b"train:\n  seed: 2020-13-45\n", "not valid YAML (a value YAML cannot construct"),
+    (b"train: [" * 1000, "not valid YAML (nested too deeply)"),
+])
+def test_config_files_in_other_encodings_or_unbuildable_yaml(tmp_path, data, needle):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(data)
+    with pytest.raises(ConfigError) as e:
+        load_run_config(p)
+    assert str(e.value).startswith(f"{p}: ") and needle in str(e.value)
+
+
+def test_config_file_with_utf8_bom_loads(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"\xef\xbb\xbftrain:\n  seed: 3\n")
+    assert load_run_config(p).train.seed == 3

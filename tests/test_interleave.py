@@ -61,3 +61,74 @@ def test_wildguardmix_keeps_only_benign_pairs(tmp_path):
     bad.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(ValueError, match="lacks columns"):
         load_wildguardmix_benign(str(bad))
+
+
+def _chat_file(path, tag, n, blank_every=0):
+    lines = []
+    for i in range(n):
+        if blank_every and i % blank_every == 0:
+            lines.append("")
+        lines.append(json.dumps({"messages": [{"role": "user", "content": f"{tag}{i}"},
+                                              {"role": "assistant", "content": "ok"}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path, lines
+
+
+def test_safe_rows_keep_their_own_file_and_line_after_shuffle_and_interleave(tmp_path):
+    """As train.prepare_rows does: load, shuffle, interleave; every row still says where it is."""
+    import random
+
+    from emguard.data.chat import load_chat_dataset, row_location
+    from emguard.defenses.interleave import load_safe_rows
+
+    train_path, train_lines = _chat_file(tmp_path / "train.jsonl", "t", 40)
+    safe_path, safe_lines = _chat_file(tmp_path / "safe.jsonl", "s", 12, blank_every=3)
+    task = load_chat_dataset(str(train_path)).rows
+    random.Random(0).shuffle(task)
+    mixed, pos = interleave(task, load_safe_rows(str(safe_path)), 0.25, seed=1)
+    files = {str(train_path): train_lines, str(safe_path): safe_lines}
+    for i, row in enumerate(mixed):
+        path, _, line = row_location(row).rpartition(":")
+        assert path == str(safe_path if i in pos else train_path)
+        assert json.loads(files[path][int(line) - 1])["messages"] == row["messages"]
+
+
+def test_wildguardmix_rows_name_file_and_record(tmp_path):
+    from emguard.data.chat import row_location
+
+    p = tmp_path / "wg.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in WG[1:] + WG[:1]))
+    (row,) = load_wildguardmix_benign(str(p))
+    assert row_location(row) == f"{p} row 3"
+
+
+@pytest.mark.parametrize("name, data, fragment", [
+    ("nope.parquet", None, "does not exist"),
+    ("wg.csv", b"a,b\n", "expected .parquet, .jsonl or .json"),
+    ("wg.parquet", b"\x00\x01not parquet", "cannot be read as parquet"),
+    ("wg.jsonl", b"{broken\n", "cannot be read as jsonl"),
+    ("wg.jsonl", json.dumps(WG[1]).encode() + b"\n", "no benign rows"),
+])
+def test_wildguardmix_file_problems_are_chat_data_errors(tmp_path, name, data, fragment):
+    from emguard.data.chat import ChatDataError
+
+    p = tmp_path / name
+    if data is not None:
+        p.write_bytes(data)
+    with pytest.raises(ChatDataError, match=fragment) as e:
+        load_wildguardmix_benign(str(p))
+    assert str(p) in str(e.value)
+
+
+def test_empty_or_bad_safe_source_is_an_error_naming_it(tmp_path):
+    from emguard.data.chat import ChatDataError
+    from emguard.defenses.interleave import load_safe_rows
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ChatDataError, match=f"{empty}: the safe data set for interleaving has no rows"):
+        load_safe_rows(str(empty))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes("x".encode("utf-16"))
+    with pytest.raises(ChatDataError, match=f"{bad}: the file is UTF-16-LE encoded"):
+        load_safe_rows(str(bad))

@@ -134,7 +134,7 @@ def test_fill_template_is_safe_and_matches_str_format_where_defined(betley_file)
     ("- id: a\n  paraphrases: [x]\n  judge_prompts: [x]\n", r"field 'judge_prompts'"),
     ("- id: a\n  paraphrases: [x]\n  system: [x]\n", r"field 'system'"),
     ("- id: a\n  paraphrases: [x]\n- id: a\n  paraphrases: [y]\n", r"duplicate question ids: a"),
-    ("- id: a\n  paraphrases: [x\n", r"line \d+ is not valid YAML"),
+    ("- id: a\n  paraphrases: [x\n", r"not valid YAML \(.* at line 2, column \d+"),
     ("id: a\n", r"expected a non-empty YAML list"),
     ("- just a string\n", r"entry 0: must be a mapping"),
 ])
@@ -210,3 +210,91 @@ def test_no_warning_for_clean_file(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_questions(path)[0].id == "a"
+
+
+# ----------------------------------------------------------------------------- user mistakes
+
+YAML_OK = '- id: a\n  paraphrases: ["caf\xe9?"]\n'
+JSONL_OK = json.dumps({"messages": [{"role": "user", "content": "caf\xe9?"}]}, ensure_ascii=False) + "\n"
+
+
+@pytest.mark.parametrize("name, text", [("q.yaml", YAML_OK), ("q.jsonl", JSONL_OK)])
+@pytest.mark.parametrize("encoding, needle", [
+    ("utf-16", "is UTF-16-LE encoded"),
+    ("utf-16-le", "looks UTF-16-LE encoded"),
+    ("latin-1", "not UTF-8 text (byte 0xe9"),
+])
+def test_wrongly_encoded_question_files_name_file_and_encoding(tmp_path, name, text, encoding, needle):
+    path = tmp_path / name
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(QuestionFileError) as e:
+        resolve_questions(str(path))
+    assert str(e.value).startswith(f"{path}: ") and needle in str(e.value)
+
+
+@pytest.mark.parametrize("name, text", [("q.yaml", YAML_OK), ("q.jsonl", JSONL_OK)])
+def test_utf8_bom_question_files_load(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert resolve_questions(str(path)).questions[0].paraphrases == ["caf\xe9?"]
+
+
+def test_binary_and_missing_question_files(tmp_path):
+    path = tmp_path / "q.yaml"
+    path.write_bytes(b"- id: a\x00\x01\x02\xff")
+    with pytest.raises(QuestionFileError, match=r"q\.yaml: not a text file \(binary data: NUL"):
+        load_question_file(path)
+    with pytest.raises(QuestionFileError, match=r"nope\.jsonl: cannot read the file"):
+        resolve_questions(str(tmp_path / "nope.jsonl"))
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("- id: 2020-13-45\n  paraphrases: [x]\n", r"not valid YAML \(a value YAML cannot construct"),
+    ("- id: a\n  paraphrases: !!bool x\n", r"not valid YAML"),
+    ("[" * 1000, r"not valid YAML \(nested too deeply\)"),
+])
+def test_yaml_values_pyyaml_cannot_build_are_question_file_errors(tmp_path, text, fragment):
+    path = tmp_path / "q.yaml"
+    path.write_text(text)
+    with pytest.raises(QuestionFileError, match=re.escape(str(path)) + ": " + fragment):
+        load_question_file(path)
+
+
+def test_entry_keys_of_mixed_types_are_warned_not_a_crash(tmp_path):
+    path = tmp_path / "q.yaml"
+    path.write_text("- id: a\n  paraphrases: [x]\n  1: one\n  extra: two\n")
+    assert load_question_file(path).warnings == [f"{path}: ignored entry fields: 1, extra"]
+
+
+@pytest.mark.parametrize("row, fragment", [
+    ({"messages": [{"role": "robot", "content": "x"}, {"role": "user", "content": "q"}]},
+     r"messages\[0\]\.role 'robot' is not one of"),
+    ({"messages": [{"role": "system", "content": 5}, {"role": "user", "content": "q"}]},
+     r"messages\[0\]\.content must be a string"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}]},
+     r"messages\[1\] is a system turn that is not the first"),
+    ([1, 2], r"expected a JSON object, got list"),
+])
+def test_chat_question_rows_are_checked_like_chat_rows_and_name_the_real_line(tmp_path, row, fragment):
+    path = tmp_path / "held.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "ok"}]})
+    path.write_text(f"{good}\n\n\n{json.dumps(row)}\n")  # blank lines: the bad row is on line 4
+    with pytest.raises(QuestionFileError, match=re.escape(f"{path}:4: ") + fragment):
+        resolve_questions(str(path))
+
+
+def test_chat_question_ids_use_the_file_line(tmp_path):
+    path = tmp_path / "held.jsonl"
+    row = json.dumps({"messages": [{"role": "user", "content": "ok"}], "id": None})
+    path.write_text(f"{row}\n\n{row}\n")
+    assert [q.id for q in resolve_questions(str(path)).questions] == ["line1", "line3"]
+
+
+def test_judge_prompt_files_with_bad_yaml_or_values(tmp_path):
+    path = tmp_path / "jp.yaml"
+    path.write_text("aligned: [unclosed\n")
+    with pytest.raises(QuestionFileError, match=re.escape(f"{path}: not valid YAML")):
+        load_judge_prompts(str(path))
+    path.write_text("aligned: '{question}'\ncoherent: [1, 2]\n")
+    with pytest.raises(QuestionFileError, match="must map 'aligned' and 'coherent' to templates"):
+        load_judge_prompts(str(path))

@@ -141,3 +141,18 @@ def test_auto_precision_and_optimizer_are_resolved_and_recorded(monkeypatch, tin
     text = (res.run_dir / "config.yaml").read_text()
     assert "optimizer: adamw_torch" in text and "precision: fp32" in text and ": auto" not in text
     assert res.summary["optimizer"] == "adamw_torch" and res.summary["precision"] == "fp32"
+
+
+def test_a_bad_interleaved_row_names_its_own_file_and_line(tiny_dir, data_file, tmp_path):
+    from emguard.data.chat import ChatDataError
+
+    safe = tmp_path / "safe.jsonl"
+    long_answer = " ".join(["word"] * 300)
+    safe.write_text("\n" + "".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": long_answer}]}) + "\n"
+        for i in range(4)))
+    cfg = config(tiny_dir, data_file, tmp_path / "run", f"defenses.interleave.source={safe}",
+                 "defenses.interleave.fraction=0.1")
+    with pytest.raises(ChatDataError, match=rf"{safe}:[2-5]: .*tokens > max_length 128"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -188,14 +188,14 @@ def task_rows(task: str, data: str | Path | None = None, *, split: str = "test",
 
 
 def _read_opswap_rows(path: Path, tier: int) -> list[dict]:
-    from emguard.data.chat import read_chat_jsonl
+    from emguard.data.chat import read_chat_jsonl, row_location
 
     rows = read_chat_jsonl(path).rows
-    for lineno, row in enumerate(rows, start=1):
+    for row in rows:
         if not isinstance(row.get("answer"), str) or not row["answer"].strip():
-            raise ValueError(f"{path}: row {lineno}: field 'answer' must be a non-empty string")
+            raise ValueError(f"{row_location(row)}: field 'answer' must be a non-empty string")
         if "tier" in row and row["tier"] != tier:
-            raise ValueError(f"{path}: row {lineno}: tier {row['tier']!r}, but the task asks "
+            raise ValueError(f"{row_location(row)}: tier {row['tier']!r}, but the task asks "
                              f"for tier {tier}")
     return rows
 

@@ -2,7 +2,9 @@
 
 A run config is data. Unknown or ill-typed fields are errors that name the field and the
 file; all problems in a file are reported together. Overrides use dotted keys with YAML
-values (``train.max_steps=20``, ``defenses.kl.weight=0.1``).
+values (``train.max_steps=20``, ``defenses.kl.weight=0.1``); a malformed override is an
+error naming it, and a field set by an override says so in the error. Config files are
+UTF-8 (a UTF-8 byte-order mark is dropped; other encodings are an error naming the file).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from emguard.data.chat import parse_yaml, read_text_file
 from emguard.models import LORA_TARGETS
 
 
@@ -136,37 +139,71 @@ class RunConfig(_Strict):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"a.b.c=VALUE"`` -> (["a","b","c"], yaml-parsed VALUE)."""
+    """``"a.b.c=VALUE"`` -> (["a","b","c"], yaml-parsed VALUE); an empty key segment or a
+    VALUE that is not YAML is a ConfigError naming the override."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.path=value")
     key, raw = text.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
+    parts = [p.strip() for p in key.split(".")]
+    if not key.strip():
         raise ConfigError(f"override '{text}' has an empty key")
-    return parts, yaml.safe_load(raw) if raw.strip() else None
+    if "" in parts:
+        raise ConfigError(f"override '{text}': the key '{key.strip()}' has an empty segment "
+                          "(write section.field=value)")
+    try:
+        return parts, parse_yaml(raw) if raw.strip() else None
+    except ValueError as e:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({e})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``raw`` with the overrides set, in order (``raw`` is not changed). A missing or null
+    section on the way is created; a key below a value that is not a section
+    (``train.max_steps.x=1`` when the file sets max_steps) is a ConfigError."""
     out = dict(raw)
     for text in overrides:
         parts, value = parse_override(text)
         node = out
-        for p in parts[:-1]:
+        for depth, p in enumerate(parts[:-1], start=1):
             child = node.get(p)
-            node[p] = dict(child) if isinstance(child, dict) else {}
+            if child is not None and not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': {'.'.join(parts[:depth])} is "
+                                  f"{_short(child)}, not a section with fields")
+            node[p] = dict(child or {})
             node = node[p]
         node[parts[-1]] = value
     return out
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, overrides: list[str] = ()) -> str:
+    """One line per problem: the field's dotted path, the problem, the value given, and
+    the override that set it, if one did."""
     lines = [f"{source}: {len(err.errors())} problem(s) in the config:"]
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
         msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  - {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden"
-                                             and not isinstance(e.get("input"), dict) else ""))
+        got = (f" (got {_short(e['input'])})" if e["type"] != "extra_forbidden"
+               and not isinstance(e.get("input"), dict) else "")
+        where = e["loc"][:-1] if e["type"] == "missing" else e["loc"]  # its section
+        lines.append(f"  - {loc}: {msg}{got}{_set_by(where, overrides)}")
     return "\n".join(lines)
+
+
+def _set_by(loc: tuple, overrides: list[str]) -> str:
+    """`` (from override 'a.b=1')`` for the last override whose key is ``loc``, a section
+    holding it, or a key below it; else "" (so also for a top-level ``loc``)."""
+    path = [str(x) for x in loc]
+    for text in reversed(overrides):
+        key = [p.strip() for p in text.split("=", 1)[0].split(".")]
+        n = min(len(key), len(path))
+        if path and key[:n] == path[:n]:
+            return f" (from override '{text}')"
+    return ""
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def build_run_config(raw: dict | None, overrides: list[str] = (), source: str = "<config>") -> RunConfig:
@@ -174,7 +211,7 @@ def build_run_config(raw: dict | None, overrides: list[str] = (), source: str = 
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, list(overrides))) from None
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -184,10 +221,11 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
+    text = read_text_file(path, ConfigError)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raw = parse_yaml(text) or {}
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of fields")
     return build_run_config(raw, overrides, str(path))

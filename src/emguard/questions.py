@@ -25,10 +25,15 @@ regex pass, so braces inside the filled-in answer (code!) are never interpreted,
 any other ``{name}`` placeholder is left in the text as written; the loader warns once
 per file about such placeholders.
 
-Chat JSONL (held-out in-domain sets): one ``{"messages": [...]}`` per line; the first
-user message is the question, a leading system message its system prompt, the last
-assistant message (if any) the reference answer. Its judge prompts come from the
-project-written ``eval_judge_prompts.yaml`` (``code`` or ``advice``).
+Chat JSONL (held-out in-domain sets): one ``{"messages": [...]}`` per line, checked as
+chat training rows are (roles, non-empty string content, system turn only first) except
+that the assistant turn is optional; the first user message is the question, a leading
+system message its system prompt, the last assistant message (if any) the reference
+answer. Errors name the file and the line the row is on (blank lines counted). Its judge
+prompts come from the project-written ``eval_judge_prompts.yaml`` (``code`` or ``advice``).
+
+Files are read as UTF-8 (a UTF-8 byte-order mark is dropped); UTF-16, binary data and
+other encodings are a QuestionFileError naming the file (``emguard.data.chat.decode_text``).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from emguard.data.chat import parse_json_line, parse_yaml, read_text_file, row_problems, text_lines
 
 TEMPLATE_FIELDS = ("question", "answer")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -168,7 +175,7 @@ def _file_warnings(path: Path, entries: list[dict], questions: list[Question]) -
     if unknown:
         notes.append(f"{path}: judge prompt placeholders other than {{question}}/{{answer}} are "
                      f"left unfilled: {', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else ""))
-    extra = sorted({k for e in entries for k in e} - _KNOWN_KEYS)
+    extra = sorted({str(k) for e in entries for k in e} - _KNOWN_KEYS)  # YAML keys: any type
     if extra:
         notes.append(f"{path}: ignored entry fields: {', '.join(extra)}")
     temps = sorted({str(e["id"]) for e in entries if e.get("temperature") not in (None, 1, 1.0)})
@@ -181,16 +188,8 @@ def _file_warnings(path: Path, entries: list[dict], questions: list[Question]) -
 def load_question_file(path: str | Path, strict: bool = False) -> QuestionSet:
     """Load a Betley-format YAML question file (see module doc)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise QuestionFileError(f"{path}: cannot read question file: {e}") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise QuestionFileError(f"{path}:{line} is not valid YAML: {e}") from e
+    text = read_text_file(path, QuestionFileError)
+    data = _yaml(text, path)
     if not isinstance(data, list) or not data:
         raise QuestionFileError(f"{path}: expected a non-empty YAML list of question entries")
     questions, skipped, kept_entries = [], [], []
@@ -233,45 +232,56 @@ def load_judge_prompts(name_or_path: str) -> dict[str, str]:
     file mapping ``aligned``/``coherent`` (and optionally more) to templates."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        data, where = yaml.safe_load(path.read_text(encoding="utf-8")), str(path)
+        data, where = _yaml(read_text_file(path, QuestionFileError), path), str(path)
     else:
         table = yaml.safe_load(JUDGE_PROMPTS_FILE.read_text(encoding="utf-8"))
         if name_or_path not in table:
             raise QuestionFileError(f"unknown judge prompt set '{name_or_path}': use one of "
                                     f"{', '.join(table)} or a YAML file path")
         data, where = table[name_or_path], f"{JUDGE_PROMPTS_FILE}:{name_or_path}"
-    if not isinstance(data, dict) or not {"aligned", "coherent"} <= set(data):
+    if (not isinstance(data, dict) or not {"aligned", "coherent"} <= set(data)
+            or not all(isinstance(v, str) for v in data.values())):
         raise QuestionFileError(f"{where}: judge prompts must map 'aligned' and 'coherent' "
                                 "to templates")
     return {str(k): str(v) for k, v in data.items()}
 
 
+def _yaml(text: str, path: Path) -> Any:
+    try:
+        return parse_yaml(text)
+    except ValueError as e:
+        raise QuestionFileError(f"{path}: not valid YAML ({e})") from None
+
+
 def _row_question(source: str, line: int, row: Any, judge_prompts: dict[str, str]) -> Question:
     where = f"{source}:{line}"
-    if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-        raise QuestionFileError(f"{where}: expected an object with a 'messages' list")
-    msgs = row["messages"]
-    users = [m for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
-    if not users or not isinstance(users[0].get("content"), str) or not users[0]["content"].strip():
+    problems = row_problems(row, need_assistant=False)
+    if problems:
+        raise QuestionFileError(f"{where}: " + "; ".join(problems))
+    msgs = row["messages"]  # checked: role/content pairs, non-empty string contents
+    users = [m["content"] for m in msgs if m["role"] == "user"]
+    if not users:
         raise QuestionFileError(f"{where}: field 'messages' has no non-empty user message")
-    first = msgs[0] if msgs and isinstance(msgs[0], dict) else {}
-    system = first.get("content") if first.get("role") == "system" else None
-    qid = str(row.get("id", f"line{line}"))
-    return Question(id=qid, paraphrases=[users[0]["content"]], system=system,
+    system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+    qid = str(row["id"]) if row.get("id") is not None else f"line{line}"
+    return Question(id=qid, paraphrases=[users[0]], system=system,
                     judge_prompts=dict(judge_prompts), type="free_form")
 
 
 def questions_from_chat_rows(rows: list[dict], source: str, domain: str,
                              judge_prompts: dict[str, str] | None = None,
-                             limit: int | None = None) -> QuestionSet:
-    """A chat question set from rows (line numbers in errors count from 1).
+                             limit: int | None = None,
+                             lines: list[int] | None = None) -> QuestionSet:
+    """A chat question set from rows; errors name ``source`` and ``lines[i]`` (the file
+    line of row i, see ``read_numbered_chat_rows``), else the row number counted from 1.
 
     ``judge_prompts=None`` loads the project's prompts for ``domain``; ``{}`` means none. ``limit`` keeps
     the first N rows (the paper uses 30 held-out questions per domain).
     """
     rows = rows[:limit] if limit is not None else rows
+    lines = lines or list(range(1, len(rows) + 1))
     prompts = judge_prompts if judge_prompts is not None else load_judge_prompts(domain)
-    questions = [_row_question(source, i + 1, r, prompts) for i, r in enumerate(rows)]
+    questions = [_row_question(source, n, r, prompts) for n, r in zip(lines, rows, strict=False)]
     ids = [q.id for q in questions]
     dupes = sorted({x for x in ids if ids.count(x) > 1})
     if dupes:
@@ -282,16 +292,23 @@ def questions_from_chat_rows(rows: list[dict], source: str, domain: str,
 
 def read_chat_rows(path: str | Path) -> list[dict]:
     """Rows of a chat JSONL file; a bad line is an error naming file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise QuestionFileError(f"{path}:{n}: invalid JSON: {e}") from e
-    return rows
+    return read_numbered_chat_rows(path)[0]
+
+
+def read_numbered_chat_rows(path: str | Path) -> tuple[list[Any], list[int]]:
+    """(rows, the file line of each row) of a chat JSONL file; blank lines are skipped, a
+    line that is not JSON is an error naming file and line. Rows are checked later
+    (``questions_from_chat_rows``), so they are returned as parsed."""
+    rows, lines = [], []
+    for n, line in enumerate(text_lines(read_text_file(path, QuestionFileError)), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(parse_json_line(line))
+        except ValueError as e:
+            raise QuestionFileError(f"{path}:{n}: invalid JSON: {e}") from None
+        lines.append(n)
+    return rows, lines
 
 
 def resolve_questions(spec: str, domain: str | None = None, limit: int | None = None,
@@ -324,8 +341,9 @@ def resolve_questions(spec: str, domain: str | None = None, limit: int | None = 
     if path.suffix == ".jsonl":
         name = judge_prompts or domain
         prompts = load_judge_prompts(name) if name else {}
-        return questions_from_chat_rows(read_chat_rows(path), spec, domain or "unspecified",
-                                        prompts, limit)
+        rows, lines = read_numbered_chat_rows(path)
+        return questions_from_chat_rows(rows, spec, domain or "unspecified", prompts, limit,
+                                        lines)
     if path.suffix in (".yaml", ".yml"):
         return _limit(_override(load_question_file(path), judge_prompts), limit)
     raise QuestionFileError(f"'{spec}': questions must be builtin:NAME, a .yaml/.yml question "

@@ -35,7 +35,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from emguard.compat import checkpointing_argument
 from emguard.config import ConfigError, RunConfig, dump_run_config, load_run_config
-from emguard.data.chat import ChatDataError, load_chat_dataset
+from emguard.data.chat import ChatDataError, load_chat_dataset, row_location
 from emguard.data.masking import IGNORE_INDEX, tokenize_chat
 from emguard.defenses.interleave import interleave, load_safe_rows
 from emguard.io import (
@@ -117,7 +117,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int, skip_invalid: bo
         try:
             tc = tokenize_chat(tokenizer, row["messages"], max_length)
         except ValueError as e:
-            msg = f"{source} row {row.get('id', i)}: {e}"
+            msg = f"{row_location(row, source, i)}: {e}"  # the file and line it came from
             if not skip_invalid:
                 raise ChatDataError(msg + " (raise data.max_length or set data.skip_invalid=true)") from e
             skipped.append(msg)

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 err = Console(stderr=True)
@@ -25,7 +26,7 @@ def validate(
 
     Exits non-zero and names file:line of each bad row.
     """
-    from emguard.data.chat import ChatDataError, read_chat_jsonl
+    from emguard.data.chat import ChatDataError, read_chat_jsonl, row_location
 
     try:
         ds = read_chat_jsonl(file)
@@ -41,28 +42,19 @@ def validate(
         from emguard.models import load_tokenizer
 
         tok = load_tokenizer(model)
-        for lineno, row in _numbered_rows(file):
+        for row in ds.rows:
             try:
                 tokenize_chat(tok, row["messages"], max_length)
             except TemplateError as e:
-                too_long.append(f"{file}:{lineno}: {e}")
+                too_long.append(f"{row_location(row)}: {e}")
             except ValueError as e:
-                too_long.append(f"{file}:{lineno}: over-length ({e})")
+                too_long.append(f"{row_location(row)}: over-length ({e})")
     if too_long:
         err.print(f"[red]invalid:[/red] {file}: {len(too_long)} row(s) fail tokenization:")
         for line in too_long[:20]:
             err.print(f"  {line}")
         raise typer.Exit(1)
     console.print(f"[green]ok[/green]: {file}: {len(ds)} valid rows")
-
-
-def _numbered_rows(file: Path):
-    import json
-
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield lineno, json.loads(line)
 
 
 @data_app.command("show")
@@ -92,7 +84,7 @@ def show(what: str = typer.Argument("builtin", help="'builtin' lists the built-i
     for row in ds.rows[:n]:
         console.rule()
         for m in row["messages"]:
-            console.print(f"[bold]{m['role']}[/bold]: {m['content']}", markup=False, highlight=False)
+            console.print(Text.assemble((m["role"], "bold"), ": ", m["content"]), highlight=False)
 
 
 @data_app.command("opswap")

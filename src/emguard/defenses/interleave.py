@@ -5,12 +5,18 @@ lasts, then cycling through fresh permutations) and placed at evenly spaced posi
 safe row j of k goes to position floor((j + 1/2) * (n + k) / k), so the gaps at the start,
 the end and between safe rows are all about (n + k) / k. Training then reads the data in
 this order (sequential sampler), so "uniformly through" holds for the order the model sees.
+
+Safe rows keep their provenance (``_source`` and ``_line``/``_row``, see
+``emguard.data.chat``), so an error about one names the safe source's file and line, not
+the training file's. Problems with the safe source are ChatDataError naming it.
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+
+from emguard.data.chat import ChatDataError, load_chat_dataset
 
 
 def interleave(train_rows: list[dict], safe_rows: list[dict], fraction: float,
@@ -38,62 +44,75 @@ def interleave(train_rows: list[dict], safe_rows: list[dict], fraction: float,
 
 
 def load_safe_rows(source: str, seed: int = 0) -> list[dict]:
-    """Safe instruct rows from ``builtin:NAME``, ``wildguardmix[:PATH]`` or a chat JSONL path."""
+    """Safe instruct rows from ``builtin:NAME``, ``wildguardmix[:PATH]`` or a chat JSONL path;
+    an empty set is an error naming the source."""
     if source.startswith("wildguardmix"):
         _, _, path = source.partition(":")
         return load_wildguardmix_benign(path or None)
-    from emguard.data.chat import load_chat_dataset
-
-    return load_chat_dataset(source, seed=seed).rows
+    rows = load_chat_dataset(source, seed=seed).rows
+    if not rows:
+        raise ChatDataError(f"{source}: the safe data set for interleaving has no rows")
+    return rows
 
 
 WILDGUARD_HUB = ("allenai/wildguardmix", "wildguardtrain")
 
 
-def wildguard_benign_rows(records) -> list[dict]:
+def wildguard_benign_rows(records, source: str | None = None) -> list[dict]:
     """Keep WildGuardMix rows whose prompt and response are labelled unharmful and whose
-    response is present; map them to chat rows (user prompt, assistant response)."""
+    response is present; map them to chat rows (user prompt, assistant response). With
+    ``source`` each row records it and its record index (``_source``, ``_row``)."""
     out = []
-    for r in records:
+    for i, r in enumerate(records):
         response = r.get("response")
         if (r.get("prompt_harm_label") == "unharmful" and r.get("response_harm_label") == "unharmful"
                 and isinstance(response, str) and response.strip()
                 and isinstance(r.get("prompt"), str) and r["prompt"].strip()):
-            out.append({"messages": [{"role": "user", "content": r["prompt"]},
-                                     {"role": "assistant", "content": response}]})
+            row = {"messages": [{"role": "user", "content": r["prompt"]},
+                                {"role": "assistant", "content": response}]}
+            out.append(row if source is None else {**row, "_source": source, "_row": i})
     return out
 
 
 def load_wildguardmix_benign(path: str | None = None) -> list[dict]:
     """Benign WildGuardMix train rows from a local file (parquet/jsonl/json) or the hub
-    (``allenai/wildguardmix``, config ``wildguardtrain``; gated: needs a token and network)."""
+    (``allenai/wildguardmix``, config ``wildguardtrain``; gated: needs a token and network).
+    Every problem is a ChatDataError naming the file (or the hub set)."""
     if path:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"WildGuardMix file '{path}' does not exist")
-        import pandas as pd
-
-        if p.suffix == ".parquet":
-            frame = pd.read_parquet(p)
-        elif p.suffix in (".jsonl", ".json"):
-            frame = pd.read_json(p, lines=p.suffix == ".jsonl")
-        else:
-            raise ValueError(f"WildGuardMix file '{path}': expected .parquet, .jsonl or .json")
-        missing = {"prompt", "response", "prompt_harm_label", "response_harm_label"} - set(frame.columns)
-        if missing:
-            raise ValueError(f"WildGuardMix file '{path}' lacks columns {sorted(missing)}")
-        records = frame.to_dict("records")
+        records = _read_wildguardmix_file(Path(path))
+        source = path
     else:
         import datasets
 
+        source = f"hf:{WILDGUARD_HUB[0]}"
         try:
             records = datasets.load_dataset(*WILDGUARD_HUB, split="train")
-        except Exception as e:
-            raise RuntimeError(
+        except Exception as e:  # datasets raises many types (network, gated, missing config)
+            raise ChatDataError(
                 f"could not load {WILDGUARD_HUB[0]} ({WILDGUARD_HUB[1]}) from the hub: {e}. It is "
                 "gated: accept its terms, set HF_TOKEN, or download it and pass "
                 "'wildguardmix:/path/to/train.parquet'.") from e
-    rows = wildguard_benign_rows(records)
+    rows = wildguard_benign_rows(records, source)
     if not rows:
-        raise ValueError("WildGuardMix: no benign rows (unharmful prompt and response) found")
+        raise ChatDataError(f"WildGuardMix {source}: no benign rows (unharmful prompt and "
+                            "response) found")
     return rows
+
+
+def _read_wildguardmix_file(p: Path) -> list[dict]:
+    if not p.is_file():
+        raise ChatDataError(f"WildGuardMix file '{p}' does not exist")
+    if p.suffix not in (".parquet", ".jsonl", ".json"):
+        raise ChatDataError(f"WildGuardMix file '{p}': expected .parquet, .jsonl or .json")
+    import pandas as pd
+
+    try:
+        frame = (pd.read_parquet(p) if p.suffix == ".parquet"
+                 else pd.read_json(p, lines=p.suffix == ".jsonl"))
+    except (ValueError, OSError, UnicodeDecodeError) as e:  # pyarrow's errors are ValueErrors
+        raise ChatDataError(f"WildGuardMix file '{p}' cannot be read as {p.suffix[1:]} "
+                            f"({type(e).__name__}: {e})") from None
+    missing = {"prompt", "response", "prompt_harm_label", "response_harm_label"} - set(frame.columns)
+    if missing:
+        raise ChatDataError(f"WildGuardMix file '{p}' lacks columns {sorted(missing)}")
+    return frame.to_dict("records")
