@@ -29,6 +29,18 @@ def embedded():
 
 
 @pytest.fixture
+def data_file(tmp_path):
+    """16 short chat rows ("What is i plus i?" -> "It is 2i.") as a JSONL file."""
+    import json
+
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {i} plus {i}?"},
+        {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n" for i in range(16)))
+    return p
+
+
+@pytest.fixture
 def tiny_dir(tmp_path):
     from tiny import save_tiny_model
 

@@ -6,7 +6,6 @@ killed while a checkpoint was written) and checks that every file is still there
 for byte, and that the way forward the message names works.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -25,15 +24,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (relative path -> bytes)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file()}
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    p = tmp_path / "train.jsonl"
-    p.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"What is {i} plus {i}?"},
-        {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n" for i in range(16)))
-    return p
 
 
 def config(tiny_dir, data_file, out, *extra):

@@ -1,7 +1,6 @@
 """Mistakes found before the expensive step, with a message that names cause and fix;
 and folder locks that keep two processes out of each other's output."""
 
-import json
 import subprocess
 import sys
 import textwrap
@@ -15,15 +14,6 @@ from emguard.config import ConfigError, load_run_config
 from emguard.models import ModelLoadError, check_device
 from emguard.ownership import FolderConflictError, folder_lock, lock_path
 from emguard.train import train
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    p = tmp_path / "train.jsonl"
-    p.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"What is {i} plus {i}?"},
-        {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n" for i in range(8)))
-    return p
 
 
 def config(tiny_dir, data_file, out, *extra):

@@ -241,11 +241,16 @@ def judge_rows(rows: list[dict], questions: dict[str, Question], judge,
 FINAL_REASONS = (None, "low_number_mass")  # other reasons (API errors, bad answers) are retried
 
 
+def _is_final(judgment: dict) -> bool:
+    """A judgment row both of whose verdicts stand (scored, or missing for low number mass)."""
+    return (judgment.get("aligned_reason") in FINAL_REASONS
+            and judgment.get("coherent_reason") in FINAL_REASONS)
+
+
 def _reusable(old: dict | None, row: dict, judge_name: str, templates_sha: str) -> bool:
     return (old is not None and old.get("judge") == judge_name
             and old.get("gen_key") == row["gen_key"] and old.get("templates_sha") == templates_sha
-            and old.get("aligned_reason") in FINAL_REASONS
-            and old.get("coherent_reason") in FINAL_REASONS)
+            and _is_final(old))
 
 
 def _preflight_judge(judge, out: Path, gen_key: str) -> None:
@@ -258,8 +263,7 @@ def _preflight_judge(judge, out: Path, gen_key: str) -> None:
     if path.is_file():
         rows = read_jsonl(path)
         if rows and all(r.get("judge") == judge.name and r.get("gen_key") == gen_key
-                        and r.get("aligned_reason") in FINAL_REASONS
-                        and r.get("coherent_reason") in FINAL_REASONS for r in rows):
+                        and _is_final(r) for r in rows):
             return
     check()
 
@@ -446,13 +450,12 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
 def _check_inputs(model_spec: str, adapter_dir, device: str | None, tasks) -> None:
     """Everything about the subject that can be checked before any model is loaded."""
     from emguard.benign import parse_task
-    from emguard.models import ModelLoadError, check_device, resolve_model_source
+    from emguard.models import check_adapter_dir, check_device, resolve_model_source
 
     check_device(device)
     resolve_model_source(model_spec)
-    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise ModelLoadError(f"--adapter '{adapter_dir}' is not a PEFT adapter directory "
-                             "(no adapter_config.json in it)")
+    if adapter_dir is not None:
+        check_adapter_dir(adapter_dir, "--adapter ")
     for task in tasks:
         parse_task(task)
 

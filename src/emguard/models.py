@@ -223,14 +223,24 @@ def attach_lora(model, r: int = 32, alpha: int = 64, dropout: float = 0.0,
     return get_peft_model(model, config)
 
 
+def is_adapter_dir(path: str | Path) -> bool:
+    """True for a PEFT adapter directory (it holds adapter_config.json)."""
+    return (Path(path).expanduser() / "adapter_config.json").is_file()
+
+
+def check_adapter_dir(path: str | Path, label: str = "") -> None:
+    """ModelLoadError unless ``path`` is a PEFT adapter directory (``label``: the option)."""
+    if not is_adapter_dir(path):
+        raise ModelLoadError(f"{label}'{path}' is not a PEFT adapter directory "
+                             "(no adapter_config.json in it)")
+
+
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
     """Attach a saved PEFT adapter (safetensors) to a loaded base model."""
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ModelLoadError(f"'{adapter_dir}' is not a PEFT adapter directory "
-                             "(no adapter_config.json in it)")
+    check_adapter_dir(adapter_dir)
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as e:

@@ -54,12 +54,16 @@ EVAL = FolderKind("eval", ("eval_spec.json", "generations.jsonl", "generations.p
 SAFELORA = FolderKind("safelora", (), whole=True)
 
 
-def check_writable_target(folder: Path) -> None:
-    """Raise FolderConflictError if ``folder`` is a file or cannot be created/written."""
-    folder = Path(folder)
+def _refuse_a_file(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise FolderConflictError(f"output folder '{folder}' is a file, not a folder; choose "
                                   "another output path")
+
+
+def check_writable_target(folder: Path) -> None:
+    """Raise FolderConflictError if ``folder`` is a file or cannot be created/written."""
+    folder = Path(folder)
+    _refuse_a_file(folder)
     parent = folder if folder.exists() else _nearest_existing(folder)
     probe = parent / f".emguard-write-test-{time.time_ns()}"
     try:
@@ -104,9 +108,7 @@ def read_marker(folder: Path, kind: FolderKind) -> dict | None:
 def folder_state(folder: Path, kind: FolderKind) -> State:
     """free (absent, or none of this kind's files), ours (our marker) or foreign."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise FolderConflictError(f"output folder '{folder}' is a file, not a folder; choose "
-                                  "another output path")
+    _refuse_a_file(folder)
     if read_marker(folder, kind) is not None:
         return "ours"
     return "foreign" if present_artifacts(folder, kind) else "free"

@@ -51,6 +51,7 @@ from emguard.models import (
     ModelLoadError,
     attach_lora,
     default_device,
+    is_adapter_dir,
     load_model,
     resolve_model_source,
 )
@@ -443,8 +444,7 @@ def _check_safelora_sources(cfg: RunConfig) -> None:
     """Resolve SafeLoRA's aligned/unaligned sources now, not after hours of training."""
     s = cfg.defenses.safelora
     for field, spec in (("aligned", s.aligned or cfg.model), ("unaligned", s.unaligned)):
-        path = Path(spec).expanduser()
-        if path.is_dir() and (path / "adapter_config.json").is_file():
+        if is_adapter_dir(spec):
             continue  # an adapter directory (instruct + misaligned adapter)
         try:
             resolve_model_source(spec)

@@ -56,7 +56,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from emguard.io import atomic_dir, provenance, read_json, write_json_atomic
-from emguard.models import model_dir
+from emguard.models import is_adapter_dir, model_dir
 from emguard.ownership import (
     SAFELORA,
     FolderConflictError,
@@ -436,7 +436,7 @@ class _AdapterAlignment:
 
 
 def _open_alignment(aligned: str, unaligned: str) -> _ModelPairAlignment | _AdapterAlignment:
-    if (Path(unaligned) / ADAPTER_CONFIG).is_file():
+    if is_adapter_dir(unaligned):
         return _AdapterAlignment(aligned, unaligned)
     return _ModelPairAlignment(aligned, unaligned)
 
