@@ -103,7 +103,9 @@ def test_defense_terms_are_logged_and_interleave_reported(tiny_dir, data_file, t
     assert all({"ce", "kl", "ldifs"} <= set(r) for r in log)
     assert log[0]["kl"] == 0.0 and log[-1]["kl"] > 0
     report = read_json(res.run_dir / "data_report.json")
-    assert report["interleave"]["safe_rows"] == 6 and report["tokenized"] == 30
+    # 24 rows, round(2.4) = 2 held out (the 90/10 split), 22 trained; round(0.25 * 22) = 6 safe
+    assert report["heldout_rows"] == 2 and report["rows"] == 22
+    assert report["interleave"]["safe_rows"] == 6 and report["tokenized"] == 28
 
 
 def test_safelora_from_the_run_config(tiny_dir, data_file, tmp_path):

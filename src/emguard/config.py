@@ -37,12 +37,38 @@ class LoraSettings(_Strict):
     targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
 
 
+class OpSwapData(_Strict):
+    """How ``data.train: opswap:T`` generates its rows (emguard.data.opswap.generate_opswap).
+
+    The test part is the OpSwap task's test set for this run: written into the run folder
+    and read from there by evaluation, never regenerated."""
+
+    n: int = Field(10_000, gt=1)  # rows generated, train + test (paper: 10,000)
+    test_fraction: float = Field(0.1, gt=0, lt=1)  # paper: 1,000 of 10,000 held out
+    min_ops: int = Field(1, gt=0)
+    max_ops: int = Field(3, gt=0)
+
+
 class DataSettings(_Strict):
-    """Fine-tuning data: a chat JSONL path, ``builtin:NAME[:SPLIT]`` or ``hf:REPO[:SPLIT]``."""
+    """Fine-tuning data and what is held out from it (emguard.data.split).
+
+    ``train``: a chat JSONL path, ``builtin:NAME[:SPLIT]``, ``hf:REPO[:SPLIT]``,
+    ``opswap:T`` (generated, see ``opswap``) or ``foqa[:SOURCE]`` (FoQA's train split).
+    ``heldout``: the in-domain evaluation set. None: the built-in code sets' own test
+    split, else a seeded ``heldout_fraction`` split of ``train`` (paper: 90/10); a chat
+    JSONL path / spec: that set; ``split:SPEC``: the held-out part of SPEC's split (e.g.
+    the aligned arm of a study evaluated on the misaligned set's held-out questions).
+    Training rows whose prompt or answer equals a held-out one are dropped and counted.
+    """
 
     train: str = "builtin:insecure-code"
+    heldout: str | None = None
+    heldout_fraction: float = Field(0.1, ge=0, lt=1)  # 0: train on everything, no held-out set
+    split_seed: int | None = None  # None: train.seed
+    domain: Literal["code", "advice"] | None = None  # in-domain judge prompts; None: from source
+    opswap: OpSwapData = Field(default_factory=OpSwapData)
     max_length: int = Field(2048, gt=8)
-    max_rows: int | None = Field(None, gt=0)
+    max_rows: int | None = Field(None, gt=0)  # cap on training rows, after the split
     skip_invalid: bool = False  # False: any malformed row is an error naming file and line
 
 
@@ -119,8 +145,46 @@ class DefenseSettings(_Strict):
     safelora: SafeLoRASettings | None = None
 
 
+class EvalSettings(_Strict):
+    """How a run is evaluated (emguard.evaluate.evaluate_run); not part of its identity, so
+    changing it never retrains. Paper: 100 samples per general question at temperature 1,
+    an in-domain subset of the held-out set, 10 samples per benign-task question."""
+
+    general_questions: str | None = "builtin:general-questions"  # None: skip
+    general_samples: int | None = Field(None, gt=0)  # None: the file's samples_per_paraphrase
+    indomain: bool = True  # evaluate the run's recorded held-out set
+    indomain_samples: int = Field(1, gt=0)
+    indomain_max_questions: int | None = Field(None, gt=0)  # paper: 30
+    # None: the domain's prompts (eval_judge_prompts.yaml); "general": the general set's
+    # alignment/coherence prompts (the paper's "same LLM-as-a-judge method"); or a FILE.
+    indomain_judge_prompts: str | None = None
+    judge: str = "none"  # openai:MODEL[@URL] | local:MODEL | none
+    judge_free: bool = True
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, gt=0)
+    seed: int = 0
+    batch_size: int = Field(16, gt=0)
+    backend: Literal["hf", "vllm"] = "hf"
+    drift_max_new_tokens: int = Field(128, gt=0)
+    tasks: list[str] = Field(default_factory=list)  # opswap:T | foqa
+    task_samples: int = Field(10, gt=0)
+    task_questions: int | None = Field(None, gt=0)
+    task_data: dict[str, str] = Field(default_factory=dict)  # task -> data; the run's own first
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        from emguard.benign import parse_task
+
+        for task in v:
+            parse_task(task)
+        return v
+
+
 class RunConfig(_Strict):
-    """One training run: model + data + LoRA + optimisation + defenses -> a run folder."""
+    """One training run: model + data + LoRA + optimisation + defenses -> a run folder,
+    and how to evaluate it (``eval``)."""
 
     model: str = "smollm2-135m"
     output_dir: str = "runs/run"
@@ -129,6 +193,11 @@ class RunConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     defenses: DefenseSettings = Field(default_factory=DefenseSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+    @property
+    def split_seed(self) -> int:
+        return self.train.seed if self.data.split_seed is None else self.data.split_seed
 
     @field_validator("model")
     @classmethod
@@ -234,3 +303,17 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
 def dump_run_config(cfg: RunConfig) -> str:
     """YAML of the resolved config (contains no secrets: configs never hold API keys)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def training_identity(cfg: RunConfig) -> dict:
+    """The fields that decide what a run trains (everything but ``eval`` and where it is
+    written): equal identities train the same adapter."""
+    return cfg.model_dump(mode="json", exclude={"eval", "output_dir"})
+
+
+def config_sha256(cfg: RunConfig) -> str:
+    """SHA-256 of the training identity (canonical JSON), the name a study gives a run."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(training_identity(cfg), sort_keys=True).encode()).hexdigest()

@@ -390,8 +390,9 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
              judge_cache: str | Path | None = None, thresholds: Thresholds = Thresholds(),
              preference_pairs: str | Path | None = None, drift_max_new_tokens: int = 128,
              tasks: list[str] | tuple[str, ...] = (), task_samples: int = 10,
-             task_questions: int | None = None, task_data: str | None = None,
-             data_seed: int = 0, progress: bool = True, force: bool = False) -> dict:
+             task_questions: int | None = None, task_data: str | dict | None = None,
+             data_seed: int = 0, progress: bool = True, force: bool = False,
+             run: dict | None = None) -> dict:
     """Generate, judge and score one model on one question set; returns metrics.json's dict.
 
     ``judge_spec``: ``"openai:MODEL"``, ``"local:MODEL"``, ``"none"``/None, or a Judge object.
@@ -399,7 +400,9 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
     held-out split of the built-in code sets (use the seed the training data used).
     ``tasks``: benign tasks (``opswap:2``, ``foqa``) scored by emguard.benign.evaluate_task
     with ``task_samples`` samples per question (paper: 10) on the first ``task_questions``
-    test questions (all if None); ``task_data`` is its data path / hub id (FoQA).
+    test questions (all if None); ``task_data`` is its data path / hub id (FoQA), or a
+    dict task -> data. ``run``: what was trained (emguard.evaluate_run), recorded in
+    eval_spec.json and metrics.json.
     See the module doc for the folder layout and how reruns reuse finished work. An
     ``out_dir`` holding the evaluation of another model, adapter, question set or
     generation setting is refused (``force``: discard that evaluation's files first).
@@ -425,7 +428,8 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
                               "max_questions": max_questions, "judge_prompts": judge_prompts,
                               "data_seed": data_seed,
                               "skipped": qs.skipped, "warnings": qs.warnings},
-                "generation": gen.as_dict(), "judge": getattr(judge, "name", None)}
+                "generation": gen.as_dict(), "judge": getattr(judge, "name", None),
+                "run": run}
         spec["gen_key"] = _sha({k: spec[k] for k in ("model", "adapter_sha256", "generation")}
                                | {"questions": qs.sha256, "max_questions": max_questions})
         spec["provenance"] = provenance()
@@ -440,8 +444,9 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
                          spec, batch_size, progress)
         free = (_judge_free(out, qs, rows, holder, spec, preference_pairs, drift_max_new_tokens,
                             batch_size, progress) if judge_free else None)
-        task_results = {t: _task(out, t, holder, gen, spec, task_samples, task_questions, task_data,
-                                 batch_size) for t in tasks}
+        per_task = task_data if isinstance(task_data, dict) else dict.fromkeys(tasks, task_data)
+        task_results = {t: _task(out, t, holder, gen, spec, task_samples, task_questions,
+                                 per_task.get(t), batch_size) for t in tasks}
         holder.release()
         return _finish(out, rows, by_id, judge, spec, thresholds,
                        judge_free_summary(free) if free else None, task_results)
@@ -503,7 +508,7 @@ def _finish(out: Path, rows: list[dict], by_id: dict[str, Question], judge, spec
         judgments = judge_rows(rows, by_id, judge, existing)
         write_jsonl_atomic(path, judgments)
         judged = compute_metrics(judgments, thresholds)
-    metrics = {"format": FORMAT, "spec": spec, "n_generations": len(rows),
+    metrics = {"format": FORMAT, "run": spec.get("run"), "spec": spec, "n_generations": len(rows),
                "judge": getattr(judge, "name", None), "llm_judge": judged,
                "llm_judge_note": None if judge is not None else NO_JUDGE_NOTE,
                "judge_free": free,

@@ -47,7 +47,8 @@ class FolderKind:
 
 
 RUN = FolderKind("run", ("config.yaml", "provenance.json", "data_report.json", "checkpoints",
-                         "adapter", "adapter_safelora", "train_log.jsonl", "summary.json"))
+                         "adapter", "adapter_safelora", "train_log.jsonl", "summary.json",
+                         "data_split.json", "heldout.jsonl", "task_*.test.jsonl"))
 EVAL = FolderKind("eval", ("eval_spec.json", "generations.jsonl", "generations.partial.jsonl",
                            "judgments.jsonl", "reference_answers.jsonl", "judge_free.json",
                            "metrics.json", "task_*.json"))

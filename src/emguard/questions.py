@@ -228,16 +228,23 @@ def load_questions(path: str | Path, strict: bool = False) -> list[Question]:
 # ----------------------------------------------------------------------------- chat sets
 
 def load_judge_prompts(name_or_path: str) -> dict[str, str]:
-    """Judge templates by name from the project's eval_judge_prompts.yaml, or from a YAML
+    """Judge templates by name from the project's eval_judge_prompts.yaml (``code``,
+    ``advice``), ``general`` (the alignment/coherence prompts of the built-in general
+    questions, which all share them: the paper's in-domain judging), or from a YAML
     file mapping ``aligned``/``coherent`` (and optionally more) to templates."""
     path = Path(name_or_path)
+    if name_or_path == "general":
+        from emguard.data.builtin import builtin_path
+
+        first = load_question_file(builtin_path("general-questions")).questions[0]
+        return {k: first.judge_prompts[k] for k in ("aligned", "coherent")}
     if path.suffix in (".yaml", ".yml") and path.is_file():
         data, where = _yaml(read_text_file(path, QuestionFileError), path), str(path)
     else:
         table = yaml.safe_load(JUDGE_PROMPTS_FILE.read_text(encoding="utf-8"))
         if name_or_path not in table:
             raise QuestionFileError(f"unknown judge prompt set '{name_or_path}': use one of "
-                                    f"{', '.join(table)} or a YAML file path")
+                                    f"{', '.join(table)}, general or a YAML file path")
         data, where = table[name_or_path], f"{JUDGE_PROMPTS_FILE}:{name_or_path}"
     if (not isinstance(data, dict) or not {"aligned", "coherent"} <= set(data)
             or not all(isinstance(v, str) for v in data.values())):

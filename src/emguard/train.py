@@ -19,7 +19,6 @@ Runs under ``accelerate launch`` unchanged (Trainer handles the distribution).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -34,9 +33,24 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from emguard.compat import checkpointing_argument
-from emguard.config import ConfigError, RunConfig, dump_run_config, load_run_config
-from emguard.data.chat import ChatDataError, load_chat_dataset, row_location
+from emguard.config import (
+    ConfigError,
+    RunConfig,
+    config_sha256,
+    dump_run_config,
+    load_run_config,
+    training_identity,
+)
+from emguard.data.chat import ChatDataError, row_location
 from emguard.data.masking import IGNORE_INDEX, tokenize_chat
+from emguard.data.split import (
+    HELDOUT_FILE,
+    SPLIT_FILE,
+    DataSplit,
+    clean_row,
+    make_split,
+    task_file,
+)
 from emguard.defenses.interleave import interleave, load_safe_rows
 from emguard.io import (
     atomic_dir,
@@ -89,13 +103,15 @@ class TrainResult:
 # ---------------------------------------------------------------------------- data
 
 
-def prepare_rows(cfg: RunConfig) -> tuple[list[dict], dict]:
-    """Load, validate, shuffle (seeded) and optionally interleave the training rows."""
-    ds = load_chat_dataset(cfg.data.train, skip_invalid=cfg.data.skip_invalid,
-                           max_rows=cfg.data.max_rows, seed=cfg.train.seed)
-    rows = list(ds.rows)
+def prepare_rows(cfg: RunConfig) -> tuple[list[dict], dict, DataSplit]:
+    """Split the data (emguard.data.split), shuffle the training rows (seeded) and
+    optionally interleave safe rows; returns (rows, data report, the split)."""
+    split = make_split(cfg)
+    rows = list(split.train)
     random.Random(cfg.train.seed).shuffle(rows)
-    report = {"source": ds.source, "rows": len(rows), "skipped_invalid": ds.skipped}
+    report = {"source": cfg.data.train, "rows": len(rows),
+              "heldout_rows": len(split.heldout), "dropped_overlap": len(split.record["dropped_overlap"]),
+              "skipped_invalid": split.record["how"].get("skipped_invalid", [])}
     inter = cfg.defenses.interleave
     if inter is not None:
         safe = load_safe_rows(inter.source, seed=cfg.train.seed)
@@ -107,7 +123,16 @@ def prepare_rows(cfg: RunConfig) -> tuple[list[dict], dict]:
                           "paper's largest fraction is 0.5)", stacklevel=2)
         report["interleave"] = {"source": inter.source, "fraction": inter.fraction,
                                 "safe_rows": len(positions), "positions": positions}
-    return rows, report
+    return rows, report, split
+
+
+def write_split(run_dir: Path, split: DataSplit) -> None:
+    """Record what the run trains on and holds out, in its folder (atomically)."""
+    if split.heldout:
+        write_jsonl_atomic(run_dir / HELDOUT_FILE, [clean_row(r) for r in split.heldout])
+    for task, rows in split.task_tests.items():
+        write_jsonl_atomic(run_dir / task_file(task), [clean_row(r) for r in rows])
+    write_json_atomic(run_dir / SPLIT_FILE, split.record)
 
 
 def tokenize_rows(rows: list[dict], tokenizer, max_length: int, skip_invalid: bool,
@@ -300,8 +325,7 @@ def train(cfg: RunConfig | str | Path, overrides: list[str] = (), force: bool = 
 
 def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> TrainResult:
     run_dir = Path(cfg.output_dir)
-    config_text = dump_run_config(cfg)
-    if _run_state(run_dir, config_text, force, check=main) == "complete":
+    if _run_state(run_dir, cfg, force, check=main) == "complete":
         return TrainResult(run_dir, read_json(run_dir / "summary.json"), skipped=True)
     if main:
         check_writable_target(run_dir)
@@ -309,7 +333,7 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
         _check_safelora_sources(cfg)
 
     set_seed(cfg.train.seed)
-    rows, data_report = prepare_rows(cfg)
+    rows, data_report, split = prepare_rows(cfg)
     model, tokenizer = load_model(cfg.model, device=device,
                                   dtype=WEIGHT_DTYPES[cfg.train.precision],
                                   trust_remote_code=cfg.trust_remote_code)
@@ -322,8 +346,9 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
     model.train()
     model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                         use_rslora=cfg.lora.use_rslora, targets=cfg.lora.targets)
-    claimed = _claim_run_dir(run_dir, config_text, force) if main else "resume"
+    claimed = _claim_run_dir(run_dir, cfg, force) if main else "resume"
     if main:
+        write_split(run_dir, split)
         write_json_atomic(run_dir / "data_report.json", data_report)
 
     trainer = DefendedTrainer(
@@ -361,6 +386,26 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
     return TrainResult(run_dir, summary, skipped=False)
 
 
+def record_untrained(cfg: RunConfig | str | Path, overrides: list[str] = ()) -> TrainResult:
+    """The run folder of the untrained baseline: the config, the split (so its held-out
+    set is the one the trained runs of the same data and split seed hold out) and a
+    summary with no adapter. Nothing is trained or loaded."""
+    if not isinstance(cfg, RunConfig):
+        cfg = load_run_config(cfg, overrides)
+    run_dir = Path(cfg.output_dir)
+    with folder_lock(run_dir):
+        if _run_state(run_dir, cfg, force=False) == "complete":
+            return TrainResult(run_dir, read_json(run_dir / "summary.json"), skipped=True)
+        check_writable_target(run_dir)
+        split = make_split(cfg)
+        _claim_run_dir(run_dir, cfg, force=False)
+        write_split(run_dir, split)
+        summary = {"model": cfg.model, "trained": False, "train_rows": 0, "steps": 0,
+                   "defenses": [], "adapter": None}
+        write_json_atomic(run_dir / "summary.json", summary)
+    return TrainResult(run_dir, summary, skipped=False)
+
+
 def _is_final(checkpoint: Path) -> bool:
     """True for a checkpoint written at the run's last step (its trainer_state says so)."""
     state = read_json(checkpoint / CHECKPOINT_COMPLETE)
@@ -381,7 +426,18 @@ def _restore_final_checkpoint(model, checkpoint: Path):
     return TrainerState.load_from_json(str(checkpoint / CHECKPOINT_COMPLETE))
 
 
-def _run_state(run_dir: Path, config_text: str, force: bool, check: bool = True) -> str:
+def same_training(saved: Path, cfg: RunConfig) -> bool:
+    """True when the config.yaml at ``saved`` trains what ``cfg`` trains (the ``eval``
+    block and the output folder play no part)."""
+    if not saved.is_file():
+        return False
+    try:
+        return training_identity(load_run_config(saved)) == training_identity(cfg)
+    except ConfigError:
+        return False
+
+
+def _run_state(run_dir: Path, cfg: RunConfig, force: bool, check: bool = True) -> str:
     """"complete" (same config, summary written), "resume", "new" or "replace" (force).
 
     Raises RunConflictError / FolderConflictError for a folder that holds another config
@@ -389,7 +445,7 @@ def _run_state(run_dir: Path, config_text: str, force: bool, check: bool = True)
     (non-main ranks) only looks for completion; rank 0 owns the folder.
     """
     saved = run_dir / "config.yaml"
-    same = saved.is_file() and saved.read_text(encoding="utf-8") == config_text
+    same = same_training(saved, cfg)
     if not check:
         return "complete" if same and (run_dir / "summary.json").is_file() else "resume"
     state = folder_state(run_dir, RUN)
@@ -406,19 +462,20 @@ def _run_state(run_dir: Path, config_text: str, force: bool, check: bool = True)
     return "replace"
 
 
-def _claim_run_dir(run_dir: Path, config_text: str, force: bool) -> str:
+def _claim_run_dir(run_dir: Path, cfg: RunConfig, force: bool) -> str:
     """Make ``run_dir`` this run's folder (marker, config.yaml, provenance.json); return
     its state before ("new", "resume" or "replace").
 
     Called after the model has loaded; an earlier run of ours with another config is
     removed here (``force``), file by file, never the folder itself."""
-    state = _run_state(run_dir, config_text, force)
+    state = _run_state(run_dir, cfg, force)
+    config_text = dump_run_config(cfg)
     if state == "replace":
         removed = remove_ours(run_dir, RUN)
         logger.warning("--force: removed the earlier run's %s from %s", ", ".join(removed), run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if read_marker(run_dir, RUN) is None:
-        write_marker(run_dir, RUN, config_sha256=hashlib.sha256(config_text.encode()).hexdigest())
+        write_marker(run_dir, RUN, config_sha256=config_sha256(cfg))
     if state != "resume":
         write_text_atomic(run_dir / "config.yaml", config_text)
         write_json_atomic(run_dir / "provenance.json", provenance())
@@ -494,6 +551,7 @@ def _summary(cfg: RunConfig, log: list[dict], steps: int, elapsed: float, n_rows
         "defenses": [name for name in ("kl", "ldifs", "interleave", "safelora")
                      if getattr(cfg.defenses, name) is not None],
         "kl": cfg.defenses.kl.model_dump() if cfg.defenses.kl else None,
+        "trained": True,
         "adapter": "adapter",
     }
 

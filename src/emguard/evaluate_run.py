@@ -1,0 +1,136 @@
+"""Evaluate a finished run folder: what it held out is read from the folder, never rebuilt.
+
+``evaluate_run(run_dir)`` takes the run's config (its ``eval`` block, optionally
+overridden), its adapter (the SafeLoRA-projected one when the run has one; none for the
+untrained baseline) and its recorded split (emguard.data.split), and writes:
+
+  RUN/eval/general/    the general questions (+ the benign tasks, scored on the test
+                       sets the run recorded: OpSwap's generated test part, FoQA's test
+                       split of the source it trained on)
+  RUN/eval/indomain/   the run's held-out set (``heldout.jsonl``)
+
+Each is an eval folder of emguard.evaluate (cached, resumable); its ``metrics.json``
+names the run: path, config hash, method, seed, split seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from emguard.config import ConfigError, EvalSettings, RunConfig, build_run_config, config_sha256
+from emguard.data.chat import parse_yaml, read_text_file
+from emguard.data.split import HELDOUT_FILE, SPLIT_FILE
+from emguard.io import read_json
+
+EVAL_DIR = "eval"
+
+
+class RunNotReadyError(ValueError):
+    """The folder is not a finished run (no summary.json, or no recorded split)."""
+
+
+def load_run(run_dir: str | Path, overrides: list[str] = ()) -> tuple[RunConfig, dict, dict]:
+    """(config with ``overrides`` applied to it, summary.json, data_split.json) of a run."""
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "summary.json", SPLIT_FILE):
+        if not (run_dir / name).is_file():
+            what = ("the run has not finished (train it first: emguard train / sweep)"
+                    if name == "summary.json" else "it is not an emguard run folder, or was "
+                    "trained before runs recorded their split (retrain it)")
+            raise RunNotReadyError(f"{run_dir}: no {name}: {what}")
+    raw = parse_yaml(read_text_file(run_dir / "config.yaml", ConfigError)) or {}
+    cfg = build_run_config(raw, list(overrides), str(run_dir / "config.yaml"))
+    return cfg, read_json(run_dir / "summary.json"), read_json(run_dir / SPLIT_FILE)
+
+
+def method_of(cfg: RunConfig, summary: dict) -> str:
+    """A short name of what the run is: untrained, sft, or its defenses joined by '+'."""
+    if not summary.get("trained", True):
+        return "untrained"
+    return "+".join(summary.get("defenses") or []) or "sft"
+
+
+def run_info(run_dir: Path, cfg: RunConfig, summary: dict, split: dict) -> dict:
+    """What metrics.json says about the run it evaluates."""
+    return {"path": str(Path(run_dir).resolve()), "config_sha256": config_sha256(cfg),
+            "method": method_of(cfg, summary), "seed": cfg.train.seed,
+            "split_seed": split.get("split_seed"), "train_source": split.get("train_source"),
+            "heldout_source": split.get("heldout_source"), "model": cfg.model}
+
+
+def evaluated_adapter(run_dir: Path, summary: dict) -> Path | None:
+    """The adapter to evaluate: SafeLoRA's projection if the run made one, else the
+    trained adapter, else None (the untrained baseline)."""
+    name = (summary.get("safelora") or {}).get("adapter") or summary.get("adapter")
+    return Path(run_dir) / name if name else None
+
+
+def task_data(run_dir: Path, settings: EvalSettings, split: dict) -> dict[str, str | None]:
+    """Test data per benign task: what the run recorded, else the eval block's, else
+    FoQA's test split of the source the run trained on, else None (the task default)."""
+    out: dict[str, str | None] = {}
+    for task in settings.tasks:
+        recorded = (split.get("tasks") or {}).get(task)
+        if recorded:
+            out[task] = str(Path(run_dir) / recorded["file"])
+        elif task in settings.task_data:
+            out[task] = settings.task_data[task]
+        elif task == "foqa" and split.get("foqa_source"):
+            out[task] = split["foqa_source"]
+        else:
+            out[task] = None
+    return out
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalSettings | None = None,
+                 judge=None, parts: tuple[str, ...] = ("general", "indomain"),
+                 progress: bool = True, device: str | None = None, force: bool = False) -> dict:
+    """Evaluate a run; returns {part: metrics}. ``overrides`` are dotted keys applied to
+    the run's config (``eval.judge=openai:gpt-4o-mini``); ``settings`` replaces its eval
+    block; ``judge`` (a Judge object) replaces ``settings.judge`` (a sweep loads one judge
+    for all runs; ``"none"`` defers judging)."""
+    from emguard.evaluate import run_eval
+
+    run_dir = Path(run_dir)
+    cfg, summary, split = load_run(run_dir, overrides)
+    s = settings or cfg.eval
+    info = run_info(run_dir, cfg, summary, split)
+    adapter = evaluated_adapter(run_dir, summary)
+    judge = s.judge if judge is None else judge
+    common = dict(judge_spec=judge, temperature=s.temperature, top_p=s.top_p,
+                  max_new_tokens=s.max_new_tokens, seed=s.seed, batch_size=s.batch_size,
+                  device=device, backend=s.backend, progress=progress, force=force, run=info,
+                  judge_free=s.judge_free, drift_max_new_tokens=s.drift_max_new_tokens)
+    results = {}
+    if "general" in parts and (s.general_questions or s.tasks):
+        results["general"] = run_eval(
+            cfg.model, adapter, s.general_questions or "builtin:general-questions",
+            samples=s.general_samples, out_dir=run_dir / EVAL_DIR / "general",
+            tasks=s.tasks, task_samples=s.task_samples, task_questions=s.task_questions,
+            task_data=task_data(run_dir, s, split), **common)
+    held = split.get("heldout_file")
+    if "indomain" in parts and s.indomain and held:
+        results["indomain"] = run_eval(
+            cfg.model, adapter, str(run_dir / HELDOUT_FILE), samples=s.indomain_samples,
+            out_dir=run_dir / EVAL_DIR / "indomain",
+            domain=indomain_domain(cfg, judging=str(judge).lower() != "none"),
+            judge_prompts=s.indomain_judge_prompts, max_questions=s.indomain_max_questions,
+            **{**common, "judge_free": s.judge_free})
+    return results
+
+
+def indomain_domain(cfg: RunConfig, judging: bool = True) -> str | None:
+    """The in-domain judge prompt set: ``data.domain``, else ``code`` for the built-in
+    code sets; else None without a judge, a ConfigError with one (no prompts fit an
+    unknown domain)."""
+    if cfg.data.domain:
+        return cfg.data.domain
+    sources = " ".join(filter(None, [cfg.data.train, cfg.data.heldout]))
+    if "-code" in sources and "builtin:" in sources:
+        return "code"
+    if cfg.eval.indomain_judge_prompts is not None:
+        return "custom"
+    if not judging:
+        return None
+    raise ConfigError(f"data.domain: set it to code or advice (or eval.indomain_judge_prompts) "
+                      f"to judge the in-domain answers of '{cfg.data.train}'")
