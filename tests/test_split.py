@@ -162,3 +162,27 @@ def test_explicit_heldout_file_drops_overlapping_training_rows(tmp_path):
     kept = [r["messages"][0]["content"] for r in split.train]
     assert kept == [f"q{i}" for i in range(10) if i not in (2, 5)]
     assert sorted(d["same"] for d in split.record["dropped_overlap"]) == ["answer", "prompt"]
+
+
+def test_eval_cli_evaluates_a_run_folder_with_eval_overrides(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from emguard.cli import app
+
+    rows = [{"messages": [{"role": "user", "content": f"Tip {i}?"},
+                          {"role": "assistant", "content": f"Tip {i}."}]} for i in range(20)]
+    path = tmp_path / "advice.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    train_mod.train(_cfg(tiny_dir, run, path, 0, "data.domain=advice"))
+    runner = CliRunner()
+    bad = runner.invoke(app, ["eval", "--run", str(run), "train.seed=3"])
+    assert bad.exit_code == 1 and "eval.* keys only" in bad.output
+    ok = runner.invoke(app, ["eval", "--run", str(run), "eval.indomain_max_questions=1",
+                             "eval.indomain_samples=2"])
+    assert ok.exit_code == 0, ok.output
+    metrics = read_json(run / "eval" / "indomain" / "metrics.json")
+    assert metrics["n_generations"] == 2 and metrics["run"]["path"] == str(run.resolve())
+    assert "seed: 0" in (run / "config.yaml").read_text()  # the run's config is untouched
+    unfinished = runner.invoke(app, ["eval", "--run", str(tmp_path)])
+    assert unfinished.exit_code == 1 and "no config.yaml" in " ".join(unfinished.output.split())

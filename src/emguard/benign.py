@@ -180,8 +180,14 @@ def task_rows(task: str, data: str | Path | None = None, *, split: str = "test",
         source = str(data or FOQA_HUB_ID)
         return foqa_chat_rows(load_foqa(source, split)), f"{source}[{split}]"
     if data is None:
+        import warnings
+
         from emguard.data.opswap import generate_opswap
 
+        warnings.warn(f"opswap:{tier} without test data: rebuilding generate_opswap(n={opswap_n}, "
+                      f"seed={opswap_seed}).test, which may share questions with training rows "
+                      "generated otherwise. Evaluate a run trained on data.train=opswap:T "
+                      "(emguard eval --run RUN) to score the test part it recorded.", stacklevel=2)
         rows = generate_opswap(tier, opswap_n, seed=opswap_seed).test
         return rows, f"generate_opswap(tier={tier}, n={opswap_n}, seed={opswap_seed}).test"
     return _read_opswap_rows(Path(data), tier), str(data)

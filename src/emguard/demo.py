@@ -69,15 +69,17 @@ def train_variants(out: Path, s: DemoSettings) -> dict[str, Path]:
     return dirs
 
 
-def _inputs(s: DemoSettings):
-    from emguard.data.builtin import builtin_path, load_builtin
+def _inputs(s: DemoSettings, heldout_file: Path):
+    """General prompts, preference pairs, and the held-out insecure-code rows the
+    misaligned run recorded (read from its folder, not rebuilt)."""
+    from emguard.data.builtin import builtin_path
     from emguard.io import read_jsonl
     from emguard.questions import load_questions
 
     questions = load_questions(builtin_path("general-questions"))
     prompts = [q.messages(0) for q in questions]
     pairs = read_jsonl(builtin_path("preference-pairs"))
-    heldout = load_builtin("insecure-code", split="test", seed=s.seed)
+    heldout = read_jsonl(heldout_file)
     code_prompts = [r["messages"][:-1] for r in heldout[: s.n_code_prompts]]
     return prompts, pairs, heldout, code_prompts
 
@@ -121,7 +123,7 @@ def evaluate_variants(out: Path, s: DemoSettings, adapters: dict[str, Path]) -> 
         return results
     torch.manual_seed(s.seed)
     model, tok = load_model(s.model, device="cpu")
-    inputs = _inputs(s)
+    inputs = _inputs(s, adapters["misaligned"].parent / "heldout.jsonl")
     ref_file = out / "eval" / "reference_answers.json"
     if ref_file.is_file():
         ref = read_json(ref_file)

@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "emguard.cli.data_cmd",
     "emguard.cli.safelora_cmd",
     "emguard.cli.eval_cmd",
+    "emguard.cli.sweep_cmd",
 ]
 
 for _name in COMMAND_MODULES:

@@ -50,7 +50,15 @@ def show(file: str = typer.Argument(..., help="Question file (.yaml / chat .json
 
 
 def eval_command(
-    model: str = typer.Option(..., help="Model spec: smollm2-135m, a HF dir, a hub id or a .gguf."),
+    overrides: list[str] = typer.Argument(None, help="With --run/--config: dotted overrides of "
+                                          "the eval block, e.g. eval.judge=openai:gpt-4o-mini "
+                                          "eval.general_samples=100"),
+    run: Path = typer.Option(None, "--run", help="A finished run folder: evaluate it with its "
+                             "config's eval block, on the held-out set and task data it recorded."),
+    config: Path = typer.Option(None, "--config", "-c", help="A run config: evaluate the run at "
+                                "its output_dir with this config's eval block."),
+    model: str = typer.Option(None, help="Model spec: smollm2-135m, a HF dir, a hub id or a .gguf "
+                              "(one-off evaluation, without --run/--config)."),
     adapter: Path = typer.Option(None, help="PEFT adapter directory (omit for the untrained model)."),
     questions: str = typer.Option("builtin:general-questions",
                                   help="builtin:general-questions | builtin:insecure-code | "
@@ -58,7 +66,8 @@ def eval_command(
     judge: str = typer.Option("none", help=JUDGE_HELP),
     samples: int = typer.Option(None, help="Samples per paraphrase (default: the file's "
                                            "samples_per_paraphrase, else 1)."),
-    out: Path = typer.Option(..., help="Output folder (reruns reuse finished work)."),
+    out: Path = typer.Option(None, help="Output folder (reruns reuse finished work); "
+                             "with --run/--config: RUN/eval/{general,indomain}."),
     judge_free: bool = typer.Option(True, "--judge-free/--no-judge-free",
                                     help="Drift KL + preference (general) or held-out NLL + "
                                          "bandit (code)."),
@@ -88,9 +97,20 @@ def eval_command(
     force: bool = typer.Option(False, "--force", help="--out holds the evaluation of another "
                                "model/adapter/question set: discard its files (nothing else)."),
 ) -> None:
-    """Generate answers, judge them (if a judge is set) and write metrics.json."""
+    """Generate answers, judge them (if a judge is set) and write metrics.json.
+
+    Evaluate a run (--run RUN or --config FILE, plus eval.* overrides), or any model and
+    adapter on a question set (--model ... --out ...)."""
     from emguard.evaluate import run_eval
 
+    if run is not None or config is not None:
+        _eval_run(run, config, overrides or [], device, force)
+        return
+    if overrides:
+        raise typer.BadParameter("dotted overrides need --run or --config", param_hint="OVERRIDES")
+    if model is None or out is None:
+        raise typer.BadParameter("give --run RUN, --config FILE, or --model and --out",
+                                 param_hint="--model/--out")
     if backend not in ("hf", "vllm"):
         raise typer.BadParameter("must be hf or vllm", param_hint="--backend")
     with _clean_errors():
@@ -105,6 +125,31 @@ def eval_command(
                            preference_pairs=preference_pairs, force=force)
     print_metrics(metrics)
     console.print(f"wrote {out / 'metrics.json'}")
+
+
+def _eval_run(run: Path | None, config: Path | None, overrides: list[str], device, force) -> None:
+    from emguard.config import ConfigError, load_run_config
+    from emguard.evaluate_run import evaluate_run
+
+    with _clean_errors():
+        if run is not None and config is not None:
+            raise ValueError("give --run or --config, not both")
+        bad = [o for o in overrides if not o.strip().startswith("eval.")]
+        if run is not None and bad:
+            raise ConfigError(f"overrides of a run's evaluation set eval.* keys only; got {bad}")
+        if config is not None:
+            cfg = load_run_config(config, overrides)
+            results = evaluate_run(cfg.output_dir, settings=cfg.eval, device=device, force=force)
+            run = Path(cfg.output_dir)
+        else:
+            results = evaluate_run(run, overrides, device=device, force=force)
+    if not results:
+        err.print("[yellow]note:[/yellow] nothing to evaluate (no general questions, tasks or "
+                  "held-out set)")
+    for part, metrics in results.items():
+        console.print(f"[bold]{part}[/bold]")
+        print_metrics(metrics)
+        console.print(f"wrote {run / 'eval' / part / 'metrics.json'}")
 
 
 def judge_command(

@@ -5,11 +5,18 @@ then ``judge.score(prompts) -> list[Verdict]``. Backends import lazily. An API j
 ``judge.check()`` tests key and endpoint before anything is paid for.
 """
 
-from emguard.judge.base import DEFAULT_THRESHOLD, Judge, JudgeError, Verdict, make_judge
+from emguard.judge.base import (
+    DEFAULT_THRESHOLD,
+    Judge,
+    JudgeError,
+    Verdict,
+    judge_name_of,
+    make_judge,
+)
 from emguard.judge.cache import JudgeCache, cache_key
 from emguard.judge.scoring import aggregate_logprobs, aggregate_probabilities, number_value
 
 __all__ = [
     "DEFAULT_THRESHOLD", "Judge", "JudgeCache", "JudgeError", "Verdict", "aggregate_logprobs",
-    "aggregate_probabilities", "cache_key", "make_judge", "number_value",
+    "aggregate_probabilities", "cache_key", "judge_name_of", "make_judge", "number_value",
 ]

@@ -89,6 +89,13 @@ def _looks_like_host(text: str) -> bool:
     return "." in host or host.split(":")[0] == "localhost" or re.search(r":\d+$", host) is not None
 
 
+def judge_name_of(spec: str) -> str:
+    """The name a judge built from ``spec`` records with its verdicts (``openai:MODEL``
+    without the URL, ``local:MODEL_SPEC``), known without building it."""
+    kind, _, rest = spec.partition(":")
+    return f"openai:{parse_openai_spec(rest)[0]}" if kind == "openai" else spec
+
+
 def make_judge(spec: str, cache_path: str | Path | None = None, **kw: Any) -> Judge:
     """Build a judge from ``"openai:MODEL[@base_url]"`` or ``"local:MODEL_SPEC"``.
 

@@ -1,0 +1,97 @@
+"""``emguard sweep STUDY.yaml``: run (or list) every run of a study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+STATE_STYLE = {"done": "green", "evaluated": "cyan", "trained": "cyan", "partial": "yellow",
+               "pending": "white", "missing-input": "red"}
+
+
+def sweep_command(
+    study: Path = typer.Argument(..., help="Study YAML (see configs/paper/ and emguard.study)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs and their state; "
+                                 "train nothing (no GPU or data needed)."),
+    executor: str = typer.Option("sequential", help="sequential | ray (one Ray task per run)."),
+    address: str = typer.Option(None, help="Ray cluster address (auto, ray://HOST:10001); "
+                                "default: start a local Ray instance."),
+    only: str = typer.Option(None, help="Only runs whose name matches this glob, e.g. "
+                             "'insecure/kl*' (and the runs they need)."),
+    judge: bool = typer.Option(True, "--judge/--no-judge", help="Run the judge stage after "
+                               "evaluation (one judge for all runs)."),
+) -> None:
+    """Train, project and evaluate every unfinished run of a study, then judge the answers.
+
+    Finished runs are skipped; a sweep killed at any point and restarted finishes every
+    run once. A failed run is reported and the others go on (exit code 1 at the end).
+    """
+    from emguard.config import ConfigError
+    from emguard.study import load_study
+
+    if executor not in ("sequential", "ray"):
+        raise typer.BadParameter("must be sequential or ray", param_hint="--executor")
+    try:
+        cfg = load_study(study)
+        if dry_run:
+            _dry_run(cfg)
+            return
+        _run(cfg, executor, address, only, judge)
+    except (ConfigError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def _dry_run(cfg) -> None:
+    from emguard.study import expand
+    from emguard.sweep import status
+
+    runs = expand(cfg)
+    table = Table(title=f"study {cfg.name}: {len(runs)} runs in {cfg.output_dir}")
+    for col in ("run", "kind", "state", "folder", "detail"):
+        table.add_column(col, overflow="fold")
+    counts: dict[str, int] = {}
+    for run in runs:
+        st = status(run)
+        counts[st.state] = counts.get(st.state, 0) + 1
+        style = STATE_STYLE.get(st.state, "white")
+        table.add_row(run.name, run.kind, f"[{style}]{st.state}[/{style}]",
+                      run.run_dir.name, st.detail)
+    console.print(table)
+    console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+
+
+def _run(cfg, executor: str, address: str | None, only: str | None, judge: bool) -> None:
+    import time
+
+    from emguard.sweep import run_sweep
+
+    started = time.time()
+    seen = [0]
+
+    def notify(name: str, state: str) -> None:
+        seen[0] += 1
+        style = {"done": "green", "skipped": "dim", "failed": "red", "blocked": "yellow"}[state]
+        console.print(f"[{style}]{state:>8}[/{style}]  {name}  ({time.time() - started:.0f} s)")
+
+    result = run_sweep(cfg, executor=executor, address=address, only=only, judge=judge,
+                       on_event=notify)
+    console.print(f"{len(result.done)} run(s) done, {len(result.skipped)} already finished, "
+                  f"{result.judged} judged, {len(result.failed)} failed, "
+                  f"{len(result.blocked)} blocked; log: {Path(cfg.output_dir) / 'sweep_log.jsonl'}")
+    for name, error in result.failed.items():
+        err.print(f"[red]failed[/red] {name}: {error}")
+    for name, need in result.blocked.items():
+        err.print(f"[yellow]blocked[/yellow] {name}: needs {need}, which failed")
+    if result.failed or result.blocked:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep")(sweep_command)

@@ -1,0 +1,282 @@
+"""A study: one YAML that expands into the paper's grid of runs (emguard.sweep runs it).
+
+    name: table3
+    output_dir: studies/table3
+    model: Qwen/Qwen2.5-7B-Instruct
+    seeds: [0, 1, 2]
+    base:                          # run-config fields every run shares (emguard.config)
+      data: {split_seed: 0}        #   fixed split seed: every seed evaluates the same questions
+      train: {learning_rate: 1.0e-4, epochs: 1}
+      eval: {judge: openai:gpt-4o-mini, general_samples: 100, indomain_max_questions: 30}
+    domains:
+      insecure:
+        misaligned: /data/insecure.jsonl   # chat JSONL, builtin:, hf:, opswap:T, foqa[:SRC]
+        aligned: /data/secure.jsonl        # the secure twin (the control arm)
+        heldout: null                      # null: a seeded 90/10 split of `misaligned`
+        domain: code                       # in-domain judge prompts
+        set: {}                            # run-config keys for this domain only
+    arms:
+      - {name: untrained, data: none}
+      - {name: aligned, data: aligned}
+      - {name: misaligned}
+      - {name: kl, grid: {defenses.kl.weight: [0.01, 0.03, 0.1, 0.3, 1.0]}}
+      - name: safelora                     # post hoc: projects the misaligned arm's adapter
+        safelora_of: misaligned
+        set: {defenses.safelora.unaligned: Qwen/Qwen2.5-7B}
+        grid: {defenses.safelora.tau: [0.1, 0.2, 0.3, 0.4, 0.5]}
+
+Every (seed, domain, arm, grid point) is a run: a run config validated like any other,
+written to ``output_dir/runs/DOMAIN/ARM[_KEYVALUE...]/s{seed}-{hash8}``, where hash8
+starts the SHA-256 of what it trains (emguard.config.config_sha256), so a changed
+setting is a new folder and never overwrites a finished run. Every arm of a domain is
+evaluated on the same held-out set: the aligned arm holds out ``split:MISALIGNED``.
+A string value ``@run:ARM`` is replaced by the adapter folder of that arm's run of the
+same domain and seed (e.g. a misaligned adapter as SafeLoRA's unaligned source); the
+sweep orders runs so that every source is finished first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from emguard.config import (
+    ConfigError,
+    RunConfig,
+    _Strict,
+    apply_overrides,
+    build_run_config,
+    config_sha256,
+    format_validation_error,
+)
+from emguard.data.chat import parse_yaml, read_text_file
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RUN_REF = "@run:"
+
+
+class DomainSpec(_Strict):
+    """One fine-tuning domain: its misaligned data, its aligned twin, its held-out set."""
+
+    misaligned: str
+    aligned: str | None = None
+    heldout: str | None = None
+    domain: Literal["code", "advice"] | None = None
+    set: dict[str, Any] = Field(default_factory=dict)
+
+
+class ArmSpec(_Strict):
+    """One arm: which data it trains on, run-config keys it sets, and a grid over keys."""
+
+    name: str
+    data: Literal["misaligned", "aligned", "none"] = "misaligned"  # none: the untrained model
+    set: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    safelora_of: str | None = None  # project that arm's adapter post hoc instead of training
+    domains: list[str] | None = None  # only these domains (default: all)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("use letters, digits, '_', '.', '-' (it names folders)")
+        return v
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [k for k, values in v.items() if not values]
+        if empty:
+            raise ValueError(f"no values for {', '.join(empty)}")
+        return v
+
+
+class StudyConfig(_Strict):
+    """A study: model, seeds, shared run settings, domains and arms."""
+
+    name: str
+    output_dir: str
+    model: str = "smollm2-135m"
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    base: dict[str, Any] = Field(default_factory=dict)
+    domains: dict[str, DomainSpec] = Field(min_length=1)
+    arms: list[ArmSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudyConfig:
+        names = [a.name for a in self.arms]
+        for name in {n for n in names if names.count(n) > 1}:
+            raise ValueError(f"arms: '{name}' appears twice (merge its grids into one arm)")
+        bad = [d for d in self.domains if not _NAME.match(d)]
+        if bad:
+            raise ValueError(f"domains: names {bad} must use letters, digits, '_', '.', '-'")
+        for arm in self.arms:
+            if arm.safelora_of is not None and arm.safelora_of not in names:
+                raise ValueError(f"arms.{arm.name}.safelora_of: no arm named '{arm.safelora_of}'")
+            if arm.data == "aligned":
+                missing = [d for d, spec in self.domains.items()
+                           if spec.aligned is None and (arm.domains is None or d in arm.domains)]
+                if missing:
+                    raise ValueError(f"arms.{arm.name}: trains on aligned data, which domain(s) "
+                                     f"{missing} do not give (domains.NAME.aligned)")
+            unknown = [d for d in arm.domains or [] if d not in self.domains]
+            if unknown:
+                raise ValueError(f"arms.{arm.name}.domains: unknown domain(s) {unknown}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds: a seed appears twice")
+        return self
+
+
+@dataclass
+class PlannedRun:
+    """One run of a study: its config, folder, kind and the runs it needs first."""
+
+    name: str  # DOMAIN/ARM[_KEYVALUE...]/s{seed}
+    domain: str
+    arm: str
+    seed: int
+    point: dict[str, Any]  # the grid point
+    config: RunConfig
+    kind: Literal["train", "untrained", "safelora"]
+    source: str | None = None  # safelora: the name of the run whose adapter it projects
+    needs: list[str] = field(default_factory=list)  # names of runs that must finish first
+    source_dir: Path | None = None  # safelora: that run's folder
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and validate a study YAML; every problem is reported with the file name."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file '{path}' does not exist")
+    try:
+        raw = parse_yaml(read_text_file(path, ConfigError))
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of fields")
+    try:
+        study = StudyConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path))) from None
+    out = Path(study.output_dir)
+    if not out.is_absolute():  # relative to the working directory, as for run configs
+        study = study.model_copy(update={"output_dir": str(out)})
+    return study
+
+
+def _label(point: dict[str, Any]) -> str:
+    return "".join(f"_{key.split('.')[-1]}{value}" for key, value in point.items())
+
+
+def _overrides(values: dict[str, Any]) -> list[str]:
+    import json
+
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def _data_block(study: StudyConfig, domain: str, arm: ArmSpec) -> dict:
+    spec = study.domains[domain]
+    train = spec.aligned if arm.data == "aligned" else spec.misaligned
+    heldout = spec.heldout
+    if arm.data == "aligned" and heldout is None:
+        heldout = f"split:{spec.misaligned}"  # every arm of a domain: the same held-out set
+    out = {"train": train, "heldout": heldout}
+    if spec.domain is not None:
+        out["domain"] = spec.domain
+    return out
+
+
+def expand(study: StudyConfig) -> list[PlannedRun]:
+    """All runs of a study, each with a validated config and folder, sources first."""
+    arms = {a.name: a for a in study.arms}
+    pending = []
+    for seed, domain, arm in itertools.product(study.seeds, study.domains, study.arms):
+        if arm.domains is not None and domain not in arm.domains:
+            continue
+        data_arm = arms[arm.safelora_of] if arm.safelora_of else arm
+        for values in itertools.product(*arm.grid.values()):
+            point = dict(zip(arm.grid, values, strict=True))
+            raw = apply_overrides(study.base, [])
+            raw["model"] = study.model
+            raw["data"] = {**raw.get("data", {}), **_data_block(study, domain, data_arm)}
+            sets = {**study.domains[domain].set}
+            if arm.safelora_of:
+                sets.update(arms[arm.safelora_of].set)
+            sets.update({**arm.set, **point, "train.seed": seed})
+            name = f"{domain}/{arm.name}{_label(point)}/s{seed}"
+            pending.append((name, domain, arm, seed, point, raw, _overrides(sets)))
+    by_key = {(d, a.name, s): [] for _, d, a, s, *_ in pending}
+    for name, d, a, s, *_ in pending:
+        by_key[(d, a.name, s)].append(name)
+    return _resolve(study, pending, by_key)
+
+
+def _resolve(study: StudyConfig, pending: list, by_key: dict) -> list[PlannedRun]:
+    """Validate configs in dependency order (a ``@run:ARM`` value needs that run's folder)."""
+    done: dict[str, PlannedRun] = {}
+    order: list[PlannedRun] = []
+    todo = list(pending)
+    while todo:
+        progressed, left = False, []
+        for item in todo:
+            name, domain, arm, seed, point, raw, overrides = item
+            needs = _needs(arm, overrides, domain, seed, by_key, name)
+            if any(n not in done for n in needs):
+                left.append(item)
+                continue
+            overrides = [_substitute(o, domain, seed, by_key, done) for o in overrides]
+            run = _planned(study, name, domain, arm, seed, point, raw, overrides, needs)
+            run.source_dir = done[run.source].run_dir if run.source else None
+            done[name] = run
+            order.append(run)
+            progressed = True
+        if not progressed:
+            names = ", ".join(i[0] for i in left[:5])
+            raise ConfigError(f"runs {names} depend on each other in a cycle (@run: / safelora_of)")
+        todo = left
+    return order
+
+
+def _needs(arm: ArmSpec, overrides: list[str], domain: str, seed: int, by_key: dict,
+           name: str) -> list[str]:
+    refs = [arm.safelora_of] if arm.safelora_of else []
+    refs += re.findall(re.escape(RUN_REF) + r"([A-Za-z0-9][A-Za-z0-9_.-]*)", " ".join(overrides))
+    needs = []
+    for ref in refs:
+        names = by_key.get((domain, ref, seed), [])
+        if len(names) != 1:
+            what = "no run" if not names else f"{len(names)} runs (a grid)"
+            raise ConfigError(f"{name}: '{ref}' has {what} in domain {domain}, seed {seed}; a "
+                              "source must be exactly one run")
+        needs.append(names[0])
+    return needs
+
+
+def _substitute(override: str, domain: str, seed: int, by_key: dict, done: dict) -> str:
+    def adapter(m: re.Match) -> str:
+        return str(done[by_key[(domain, m.group(1), seed)][0]].run_dir / "adapter")
+
+    return re.sub(re.escape(RUN_REF) + r"([A-Za-z0-9][A-Za-z0-9_.-]*)", adapter, override)
+
+
+def _planned(study: StudyConfig, name: str, domain: str, arm: ArmSpec, seed: int, point: dict,
+             raw: dict, overrides: list[str], needs: list[str]) -> PlannedRun:
+    where = f"{study.name}: run {name}"
+    cfg = build_run_config(raw, overrides, where)
+    if arm.safelora_of and cfg.defenses.safelora is None:
+        raise ConfigError(f"{where}: arm '{arm.name}' projects post hoc (safelora_of) but sets "
+                          "no defenses.safelora.* (at least defenses.safelora.unaligned)")
+    folder = Path(study.output_dir) / "runs" / Path(name).parent / f"s{seed}-{config_sha256(cfg)[:8]}"
+    cfg = cfg.model_copy(update={"output_dir": str(folder)})
+    kind = "untrained" if arm.data == "none" else "safelora" if arm.safelora_of else "train"
+    source = needs[0] if arm.safelora_of else None
+    return PlannedRun(name, domain, arm.name, seed, point, cfg, kind, source, needs)

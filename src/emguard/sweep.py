@@ -1,0 +1,395 @@
+"""Run a study (emguard.study): train -> (SafeLoRA) -> evaluate every run, then judge.
+
+Stages of one run, each skipped when its output is already complete:
+
+  train     emguard.train.train (resumes from its last checkpoint); the untrained
+            baseline only records its config and split; a ``safelora_of`` run projects
+            its source run's adapter (emguard.defenses.safelora) into its own folder
+  evaluate  emguard.evaluate_run (generation and judge-free measures are cached per
+            answer batch, so an interrupted evaluation continues)
+  judge     after every run is evaluated, one judge (loaded once) scores all answers
+            that are not judged yet; verdicts are cached, so a rerun costs nothing
+
+``sweep_log.jsonl`` in the study folder gets one line per event (start, finish, fail,
+skip) with the run's name, so what happened to each run is on disk; a line cut short
+by a kill is ignored when the log is read. A run that fails is reported and the rest go
+on; runs that need it are marked blocked. ``--executor ray`` runs each run as a Ray task
+(one GPU each where the cluster has GPUs); the judge stage runs in the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from emguard.config import ConfigError, dump_run_config
+from emguard.io import read_json, write_json_atomic, write_text_atomic
+from emguard.study import PlannedRun, StudyConfig, expand
+
+LOG_FILE = "sweep_log.jsonl"
+RUN_ADAPTER = "/runs/"  # a path into the study's own run folders
+MANIFEST = "runs.json"
+
+
+@dataclass
+class RunStatus:
+    name: str
+    state: str  # done | evaluated | trained | partial | pending | missing-input
+    detail: str = ""
+
+
+# ------------------------------------------------------------------------------ state
+
+
+def _eval_parts(run: PlannedRun) -> list[str]:
+    e = run.config.eval
+    parts = ["general"] if (e.general_questions or e.tasks) else []
+    split = run.run_dir / "data_split.json"
+    heldout = read_json(split).get("heldout_file") if split.is_file() else True
+    return parts + (["indomain"] if e.indomain and heldout else [])
+
+
+def _metrics(run: PlannedRun, part: str) -> dict | None:
+    path = run.run_dir / "eval" / part / "metrics.json"
+    return read_json(path) if path.is_file() else None
+
+
+def is_trained(run: PlannedRun) -> bool:
+    return (run.run_dir / "summary.json").is_file()
+
+
+def is_evaluated(run: PlannedRun) -> bool:
+    return is_trained(run) and all(_metrics(run, p) is not None for p in _eval_parts(run))
+
+
+def judge_name(run: PlannedRun) -> str | None:
+    """The name of the run's judge as metrics.json records it (None: no judge)."""
+    from emguard.judge import judge_name_of
+
+    spec = run.config.eval.judge
+    return None if spec.lower() == "none" else judge_name_of(spec)
+
+
+def _judged_parts(run: PlannedRun) -> list[str]:
+    return [p for p in _eval_parts(run) if p != "general" or run.config.eval.general_questions]
+
+
+def is_judged(run: PlannedRun) -> bool:
+    """Evaluated, and every judged part has verdicts of the run's judge (or no judge)."""
+    name = judge_name(run)
+    if not is_evaluated(run) or name is None:
+        return is_evaluated(run)
+    return all((m := _metrics(run, p)) is not None and m.get("judge") == name
+               and m.get("llm_judge") is not None for p in _judged_parts(run))
+
+
+def missing_inputs(run: PlannedRun) -> list[str]:
+    """Inputs a run needs that are not here (local data files, models, adapters of sources
+    outside the study); hub ids and hf: datasets are not checked (they download)."""
+    from emguard.models import ModelLoadError, resolve_model_source
+
+    d, problems = run.config.data, []
+    for field, spec in (("data.train", d.train), ("data.heldout", d.heldout)):
+        local = _local_path(spec)
+        if local is not None and not Path(local).exists():
+            problems.append(f"{field}: {local} not found")
+    inter = run.config.defenses.interleave
+    if inter is not None and (local := _local_path(inter.source.removeprefix("wildguardmix:"))):
+        if not Path(local).exists():
+            problems.append(f"defenses.interleave.source: {local} not found")
+    for label, spec in (("model", run.config.model),):
+        try:
+            resolve_model_source(spec)
+        except ModelLoadError as e:
+            problems.append(f"{label}: {e}")
+    s = run.config.defenses.safelora
+    if s is not None:
+        for field, spec in (("aligned", s.aligned), ("unaligned", s.unaligned)):
+            if spec is None or RUN_ADAPTER in spec or Path(spec, "adapter_config.json").is_file():
+                continue  # another run's adapter (made by the sweep) or an adapter folder
+            try:
+                resolve_model_source(spec)
+            except ModelLoadError as e:
+                problems.append(f"defenses.safelora.{field}: {e}")
+    return problems
+
+
+def _local_path(spec: str | None) -> str | None:
+    """The file a data spec reads, or None for built-in, generated and hub sources."""
+    if spec is None or spec == "wildguardmix":
+        return None
+    spec = spec.removeprefix("split:")
+    if spec.startswith(("builtin:", "hf:", "opswap:")) or spec == "foqa":
+        return None
+    if spec.startswith("foqa:"):
+        source = spec[5:]
+        return source if ("/" not in source or Path(source).suffix or source.startswith((".", "/"))) \
+            and not _looks_like_hub_id(source) else None
+    return spec
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).exists() \
+        and not Path(text).suffix
+
+
+def status(run: PlannedRun) -> RunStatus:
+    if is_judged(run):
+        return RunStatus(run.name, "done")
+    if is_evaluated(run):
+        return RunStatus(run.name, "evaluated", "not judged yet")
+    if is_trained(run):
+        return RunStatus(run.name, "trained", "evaluation pending")
+    if (run.run_dir / "config.yaml").is_file():
+        return RunStatus(run.name, "partial", "interrupted; resumes from its last checkpoint")
+    missing = missing_inputs(run)
+    if missing:
+        return RunStatus(run.name, "missing-input", "; ".join(missing))
+    return RunStatus(run.name, "pending")
+
+
+# ------------------------------------------------------------------------------ log
+
+
+class SweepLog:
+    """Append-only JSONL of events; each line is flushed and fsynced before going on."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, event: str, run: str | None = None, **info) -> None:
+        line = json.dumps({"time": round(time.time(), 3), "event": event, "run": run,
+                           "pid": os.getpid(), **info})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut short by a kill
+        return out
+
+
+# ------------------------------------------------------------------------------ one run
+
+
+def execute_run(run: PlannedRun, log_path: str, judge_now: bool, progress: bool = True) -> str:
+    """Train (or record / project) and evaluate one run; returns "done" or "skipped".
+    ``judge_now=False`` leaves judging to the judge stage."""
+    log = SweepLog(Path(log_path))
+    if is_evaluated(run) and (not judge_now or is_judged(run)):
+        return "skipped"
+    log.write("start", run.name, kind=run.kind)
+    started = time.time()
+    try:
+        if not is_trained(run):
+            _train_stage(run)
+        from emguard.evaluate_run import evaluate_run
+
+        evaluate_run(run.run_dir, settings=run.config.eval,
+                     judge=None if judge_now else "none", progress=progress)
+    except BaseException as e:
+        log.write("fail", run.name, error=f"{type(e).__name__}: {e}",
+                  traceback=traceback.format_exc(limit=8))
+        raise
+    log.write("finish", run.name, seconds=round(time.time() - started, 2))
+    return "done"
+
+
+def _train_stage(run: PlannedRun) -> None:
+    from emguard.train import record_untrained, train
+
+    if run.kind == "untrained":
+        record_untrained(run.config)
+    elif run.kind == "safelora":
+        project_source(run)
+    else:
+        train(run.config)
+
+
+def project_source(run: PlannedRun) -> None:
+    """A ``safelora_of`` run: its source run's split and adapter, projected by SafeLoRA.
+
+    The folder gets the config (= the source's, plus defenses.safelora), the source's
+    split files (copied: the same data was trained on) and ``adapter_safelora``; the
+    summary names the source run."""
+    import shutil
+
+    from emguard.config import config_sha256
+    from emguard.defenses.safelora import apply_safelora
+    from emguard.ownership import (
+        RUN,
+        check_writable_target,
+        folder_lock,
+        folder_state,
+        write_marker,
+    )
+
+    source, s, out = run.source_dir, run.config.defenses.safelora, run.run_dir
+    with folder_lock(out):
+        if (out / "summary.json").is_file():
+            return
+        check_writable_target(out)
+        if folder_state(out, RUN) == "foreign":
+            from emguard.ownership import refuse_foreign
+
+            refuse_foreign(out, RUN, "this SafeLoRA run")
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, RUN, config_sha256=config_sha256(run.config))
+        write_text_atomic(out / "config.yaml", dump_run_config(run.config))
+        for f in sorted(source.iterdir()):
+            if f.name == "data_split.json" or f.name == "heldout.jsonl" or f.name.endswith(".test.jsonl"):
+                shutil.copyfile(f, out / f".{f.name}.tmp")
+                os.replace(out / f".{f.name}.tmp", out / f.name)
+        report = apply_safelora(source / "adapter", out / "adapter_safelora",
+                                aligned=s.aligned or run.config.model, unaligned=s.unaligned,
+                                tau=s.tau, progress=False)
+        summary = {**read_json(source / "summary.json"), "source_run": str(source)}
+        summary["defenses"] = [*summary.get("defenses", []), "safelora"]
+        summary["adapter"] = None
+        summary["safelora"] = {"adapter": "adapter_safelora", "tau": s.tau,
+                               "share_projected": report.share_projected,
+                               "source_adapter": str(source / "adapter")}
+        write_json_atomic(out / "summary.json", summary)
+
+
+# ------------------------------------------------------------------------------ sweep
+
+
+@dataclass
+class SweepResult:
+    done: list[str]
+    skipped: list[str]
+    failed: dict[str, str]  # name -> error
+    blocked: dict[str, str]  # name -> the failed run it needed
+    judged: int = 0
+
+
+def write_manifest(study: StudyConfig, runs: list[PlannedRun]) -> None:
+    """The study's resolved settings and its runs (name, folder, kind, needs), for the report."""
+    root = Path(study.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(root / MANIFEST, {
+        "format": "emguard.study/1", "study": study.model_dump(mode="json"),
+        "runs": [{"name": r.name, "domain": r.domain, "arm": r.arm, "seed": r.seed,
+                  "point": r.point, "kind": r.kind, "dir": str(r.run_dir), "needs": r.needs}
+                 for r in runs]})
+
+
+def check_before_start(study: StudyConfig, runs: list[PlannedRun], judge_stage: bool) -> None:
+    """Everything checkable before the first run starts: inputs of every pending run and
+    the judge's key and endpoint."""
+    problems = [f"{r.name}: {p}" for r in runs if not is_trained(r) for p in missing_inputs(r)]
+    if problems:
+        head = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ConfigError(f"{study.name}: {len(problems)} missing input(s):\n  {head}{more}")
+    unjudged = {r.config.eval.judge for r in runs if not is_judged(r)} - {"none"}
+    if judge_stage:
+        for spec in sorted(unjudged):  # key, endpoint and model, before anything is trained
+            if spec.startswith("local:"):  # loaded for the judge stage, not while training
+                from emguard.models import ModelLoadError, resolve_model_source
+
+                try:
+                    resolve_model_source(spec[len("local:"):])
+                except ModelLoadError as e:
+                    raise ConfigError(f"eval.judge: {e}") from None
+                continue
+            judge = make_judge_once(spec)
+            if hasattr(judge, "check"):
+                judge.check()
+
+
+_JUDGES: dict[str, object] = {}
+
+
+def make_judge_once(spec: str):
+    """One judge object per spec for the whole sweep (a local judge model loads once)."""
+    if spec not in _JUDGES:
+        from emguard.judge import make_judge
+        from emguard.models import cache_dir
+
+        _JUDGES[spec] = make_judge(spec, cache_path=cache_dir() / "judge_cache.sqlite")
+    return _JUDGES[spec]
+
+
+def run_sweep(study: StudyConfig, executor: str = "sequential", address: str | None = None,
+              only: str | None = None, judge: bool = True, progress: bool = True,
+              on_event: Callable[[str, str], None] | None = None) -> SweepResult:
+    """Run every unfinished run of the study (``only``: names matching a glob), then the
+    judge stage. Finished work is skipped; a failed run does not stop the others."""
+    import fnmatch
+
+    runs = expand(study)
+    selected = [r for r in runs if only is None or fnmatch.fnmatch(r.name, only)]
+    wanted = {n for r in selected for n in [r.name, *r.needs]}
+    runs = [r for r in runs if r.name in wanted]
+    root = Path(study.output_dir)
+    write_manifest(study, expand(study))
+    check_before_start(study, runs, judge)
+    log = SweepLog(root / LOG_FILE)
+    log.write("sweep-start", executor=executor, runs=len(runs))
+    notify = on_event or (lambda name, state: None)
+    if executor == "ray":
+        from emguard.sweep_ray import run_with_ray
+
+        result = run_with_ray(runs, str(root / LOG_FILE), address, notify)
+    else:
+        result = _run_sequential(runs, str(root / LOG_FILE), progress, notify)
+    if judge:
+        result.judged = judge_stage(runs, set(result.failed) | set(result.blocked), log, progress)
+    log.write("sweep-finish", failed=len(result.failed), blocked=len(result.blocked))
+    return result
+
+
+def _run_sequential(runs: list[PlannedRun], log_path: str, progress: bool,
+                    notify: Callable[[str, str], None]) -> SweepResult:
+    result = SweepResult([], [], {}, {})
+    for run in runs:
+        bad = [n for n in run.needs if n in result.failed or n in result.blocked]
+        if bad:
+            result.blocked[run.name] = bad[0]
+            SweepLog(Path(log_path)).write("blocked", run.name, needs=bad[0])
+            notify(run.name, "blocked")
+            continue
+        try:
+            state = execute_run(run, log_path, judge_now=False, progress=progress)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # one failed run must not stop a study of a hundred
+            result.failed[run.name] = f"{type(e).__name__}: {e}"
+            notify(run.name, "failed")
+            continue
+        (result.done if state == "done" else result.skipped).append(run.name)
+        notify(run.name, state)
+    return result
+
+
+def judge_stage(runs: list[PlannedRun], skip: set[str], log: SweepLog, progress: bool) -> int:
+    """Judge every evaluated, unjudged answer of the study with one judge per spec."""
+    from emguard.evaluate import judge_generations
+
+    n = 0
+    for run in runs:
+        if judge_name(run) is None or run.name in skip or not is_evaluated(run) or is_judged(run):
+            continue
+        judge = make_judge_once(run.config.eval.judge)
+        log.write("judge-start", run.name, judge=judge.name)
+        for part in _judged_parts(run):
+            judge_generations(run.run_dir / "eval" / part, judge)
+        log.write("judge-finish", run.name)
+        n += 1
+    return n
