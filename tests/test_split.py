@@ -126,6 +126,10 @@ def test_opswap_run_scores_the_test_part_it_recorded(tiny_dir, tmp_path, capture
     assert data == str(run / "task_opswap-1.test.jsonl")
     rows, _ = task_rows("opswap:1", data)  # the exact call evaluation makes
     assert len(rows) == 30
+    evaluate_run(run, ["eval.task_samples=1", "eval.task_questions=2"], progress=False)
+    metrics = read_json(run / "eval" / "general" / "metrics.json")
+    assert metrics["tasks"]["opswap:1"]["data"] == data and metrics["n_generations"] == 0
+    assert not (run / "eval" / "indomain").exists()  # opswap holds out no in-domain set
     questions = [r["messages"][0]["content"] for r in rows]
     assert _leaks(texts, questions) == []
 

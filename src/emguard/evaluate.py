@@ -381,7 +381,7 @@ def _task(out: Path, task: str, holder: _Model, gen: GenerationSettings, spec: d
 
 # ----------------------------------------------------------------------------- entry points
 
-def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: str,
+def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: str | None,
              judge_spec=None, samples: int | None = None, out_dir: str | Path = "eval", *,
              domain: str | None = None, max_questions: int | None = None,
              judge_prompts: str | None = None, judge_free: bool = True,
@@ -396,6 +396,7 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
     """Generate, judge and score one model on one question set; returns metrics.json's dict.
 
     ``judge_spec``: ``"openai:MODEL"``, ``"local:MODEL"``, ``"none"``/None, or a Judge object.
+    ``questions_file=None``: no questions, only the benign ``tasks``.
     ``samples`` overrides each question's samples_per_paraphrase. ``data_seed`` picks the
     held-out split of the built-in code sets (use the seed the training data used).
     ``tasks``: benign tasks (``opswap:2``, ``foqa``) scored by emguard.benign.evaluate_task
@@ -416,7 +417,10 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
     check_writable_target(out)
     _check_inputs(model_spec, adapter_dir, device, tasks)
     with folder_lock(out):  # one process at a time writes an eval folder
-        qs = resolve_questions(questions_file, domain, max_questions, judge_prompts, data_seed)
+        if questions_file is None:  # benign tasks only
+            qs, judge_spec, judge_free = QuestionSet([], "none", _sha([]), "none", "none"), None, False
+        else:
+            qs = resolve_questions(questions_file, domain, max_questions, judge_prompts, data_seed)
         judge = _make_judge(judge_spec, judge_cache)
         if judge is not None:
             _require_judge_prompts(qs)

@@ -4,7 +4,7 @@
 overridden), its adapter (the SafeLoRA-projected one when the run has one; none for the
 untrained baseline) and its recorded split (emguard.data.split), and writes:
 
-  RUN/eval/general/    the general questions (+ the benign tasks, scored on the test
+  RUN/eval/general/    the general questions, if any (+ the benign tasks, scored on the test
                        sets the run recorded: OpSwap's generated test part, FoQA's test
                        split of the source it trained on)
   RUN/eval/indomain/   the run's held-out set (``heldout.jsonl``)
@@ -104,7 +104,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalS
     results = {}
     if "general" in parts and (s.general_questions or s.tasks):
         results["general"] = run_eval(
-            cfg.model, adapter, s.general_questions or "builtin:general-questions",
+            cfg.model, adapter, s.general_questions,
             samples=s.general_samples, out_dir=run_dir / EVAL_DIR / "general",
             tasks=s.tasks, task_samples=s.task_samples, task_questions=s.task_questions,
             task_data=task_data(run_dir, s, split), **common)

@@ -33,7 +33,6 @@ from emguard.study import PlannedRun, StudyConfig, expand
 
 LOG_FILE = "sweep_log.jsonl"
 RUN_ADAPTER = "/runs/"  # a path into the study's own run folders
-MANIFEST = "runs.json"
 
 
 @dataclass
@@ -279,20 +278,32 @@ class SweepResult:
 
 
 def write_manifest(study: StudyConfig, runs: list[PlannedRun]) -> None:
-    """The study's resolved settings and its runs (name, folder, kind, needs), for the report."""
+    """The study's resolved settings and its runs (name, folder, kind, needs), for the
+    report, in ``runs-NAME.json`` (studies may share a folder and so their common runs)."""
     root = Path(study.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / MANIFEST, {
+    write_json_atomic(manifest_path(study), {
         "format": "emguard.study/1", "study": study.model_dump(mode="json"),
         "runs": [{"name": r.name, "domain": r.domain, "arm": r.arm, "seed": r.seed,
                   "point": r.point, "kind": r.kind, "dir": str(r.run_dir), "needs": r.needs}
                  for r in runs]})
 
 
+def manifest_path(study: StudyConfig) -> Path:
+    return Path(study.output_dir) / f"runs-{study.name}.json"
+
+
 def check_before_start(study: StudyConfig, runs: list[PlannedRun], judge_stage: bool) -> None:
     """Everything checkable before the first run starts: inputs of every pending run and
     the judge's key and endpoint."""
     problems = [f"{r.name}: {p}" for r in runs if not is_trained(r) for p in missing_inputs(r)]
+    if any(r.config.train.optimizer == "adamw_8bit" and r.kind == "train" and not is_trained(r)
+           for r in runs):
+        from emguard.train import _has_bitsandbytes
+
+        if not _has_bitsandbytes():
+            problems.append("train.optimizer=adamw_8bit needs bitsandbytes: pip install "
+                            "'emguard[gpu]' (or set train.optimizer: auto in the study's base)")
     if problems:
         head = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

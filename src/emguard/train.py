@@ -114,6 +114,10 @@ def prepare_rows(cfg: RunConfig) -> tuple[list[dict], dict, DataSplit]:
               "skipped_invalid": split.record["how"].get("skipped_invalid", [])}
     inter = cfg.defenses.interleave
     if inter is not None:
+        if inter.source.startswith("builtin:"):
+            warnings.warn(f"defenses.interleave.source={inter.source} is the project's small "
+                          "stand-in; the paper interleaves WildGuardMix benign rows "
+                          "(source: wildguardmix:PATH) and results may differ", stacklevel=2)
         safe = load_safe_rows(inter.source, seed=cfg.train.seed)
         n_task = len(rows)
         rows, positions = interleave(rows, safe, inter.fraction, seed=cfg.train.seed)
