@@ -157,3 +157,27 @@ def test_config_file_with_utf8_bom_loads(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_bytes(b"\xef\xbb\xbftrain:\n  seed: 3\n")
     assert load_run_config(p).train.seed == 3
+
+
+def test_quantised_training_needs_cuda_and_bitsandbytes_and_says_so(tmp_path):
+    from emguard.config import ConfigError, load_run_config
+    from emguard.train import train
+
+    cfg = load_run_config(None, ["quantization=4bit", f"output_dir={tmp_path / 'q'}"])
+    with pytest.raises(ConfigError, match="quantization=4bit needs a CUDA GPU and bitsandbytes"):
+        train(cfg)
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(ConfigError, match="quantization"):
+        load_run_config(None, ["quantization=3bit"])
+
+
+def test_quantization_config_follows_qlora():
+    import torch
+
+    from emguard.models import quantization_config
+
+    q = quantization_config("4bit", torch.bfloat16)
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    assert quantization_config("8bit", torch.bfloat16).load_in_8bit
+    assert quantization_config("none", torch.bfloat16) is None

@@ -190,3 +190,17 @@ def test_eval_cli_evaluates_a_run_folder_with_eval_overrides(tiny_dir, tmp_path)
     assert "seed: 0" in (run / "config.yaml").read_text()  # the run's config is untouched
     unfinished = runner.invoke(app, ["eval", "--run", str(tmp_path)])
     assert unfinished.exit_code == 1 and "no config.yaml" in " ".join(unfinished.output.split())
+
+
+def test_foqa_train_split_becomes_training_rows_and_its_test_split_the_task(tmp_path):
+    from test_foqa import ROWS, write_jsonl
+
+    leaked = {**ROWS[1], "id": "q9"}  # a training row that repeats a test question
+    write_jsonl(tmp_path / "train.jsonl", [ROWS[0], leaked])
+    write_jsonl(tmp_path / "test.jsonl", [ROWS[1]])
+    cfg = load_run_config(None, [f"data.train=foqa:{tmp_path}", "eval.tasks=[foqa]"])
+    split = make_split(cfg)
+    assert [r["id"] for r in split.train] == ["q1"] and split.heldout == []
+    assert split.record["dropped_overlap"] == [{"id": "q9", "same": "prompt"}]
+    assert split.train[0]["messages"][-1]["content"] == "Tórshavn"
+    assert task_data(tmp_path, cfg.eval, split.record) == {"foqa": str(tmp_path)}

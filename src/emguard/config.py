@@ -189,6 +189,10 @@ class RunConfig(_Strict):
     model: str = "smollm2-135m"
     output_dir: str = "runs/run"
     trust_remote_code: bool = False
+    # Training only, CUDA + bitsandbytes: load the frozen base in 4-bit NF4 (QLoRA) or 8-bit
+    # to fit large models (32B) on one GPU; the reference of KL/LDIFS is the same quantised
+    # base. Evaluation loads the base unquantised.
+    quantization: Literal["none", "4bit", "8bit"] = "none"
     data: DataSettings = Field(default_factory=DataSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)

@@ -174,25 +174,45 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tok
 
 
+def quantization_config(quantization: str, dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for ``4bit`` (NF4, double quantisation, compute in
+    ``dtype``: QLoRA's settings) or ``8bit``; None for ``none``."""
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantization must be none, 4bit or 8bit, got {quantization!r}")
+
+
 def load_model(spec: str, device: str | None = None, dtype: torch.dtype | None = None,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, quantization: str = "none"):
     """Load ``(model, tokenizer)`` for a model spec, in eval mode on ``device``.
 
-    Weights load through safetensors only (``use_safetensors=True``).
+    Weights load through safetensors only (``use_safetensors=True``). ``quantization``
+    (``4bit`` / ``8bit``, CUDA with bitsandbytes) loads the weights quantised, placed on
+    ``device`` by transformers.
     """
     from transformers import AutoModelForCausalLM
 
     device = check_device(device)
     dtype = dtype or default_dtype(device)
     path = model_dir(spec)
+    quant = quantization_config(quantization, dtype)
+    extra = {"quantization_config": quant, "device_map": {"": device}} if quant else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **extra)
     except OSError as e:
         raise ModelLoadError(
             f"could not load model '{spec}': {e}\nA hub id needs network access or a local "
             "Hugging Face cache; otherwise pass a local directory or .gguf file.") from e
-    model.to(device)
+    if quant is None:
+        model.to(device)
     model.eval()
     return model, load_tokenizer(spec, trust_remote_code)
 

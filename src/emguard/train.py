@@ -259,6 +259,11 @@ def resolve_runtime(cfg: RunConfig, device: str) -> RunConfig:
     """The config with ``auto`` precision and optimizer replaced by what this machine uses,
     so config.yaml records what the run actually trained with."""
     t = cfg.train
+    if cfg.quantization != "none" and not (device.startswith("cuda") and _has_bitsandbytes()):
+        raise ConfigError(f"quantization={cfg.quantization} needs a CUDA GPU and bitsandbytes "
+                          f"(pip install 'emguard[gpu]'); this machine trains on {device}"
+                          f"{'' if _has_bitsandbytes() else ' without bitsandbytes'}. Set "
+                          "quantization: none")
     resolved = t.model_copy(update={"precision": resolve_precision(t.precision, device),
                                     "optimizer": resolve_optimizer(t.optimizer, device)})
     return cfg.model_copy(update={"train": resolved})
@@ -340,7 +345,13 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
     rows, data_report, split = prepare_rows(cfg)
     model, tokenizer = load_model(cfg.model, device=device,
                                   dtype=WEIGHT_DTYPES[cfg.train.precision],
-                                  trust_remote_code=cfg.trust_remote_code)
+                                  trust_remote_code=cfg.trust_remote_code,
+                                  quantization=cfg.quantization)
+    if cfg.quantization != "none":  # QLoRA: norms in fp32, input grads for checkpointing
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     features, too_long = tokenize_rows(rows, tokenizer, cfg.data.max_length,
                                        cfg.data.skip_invalid, data_report["source"])
     data_report.update(tokenized=len(features), skipped_over_length=too_long)

@@ -150,7 +150,8 @@ def make_split(cfg: RunConfig) -> DataSplit:
             heldout_source = d.heldout
         if not held:
             raise ChatDataError(f"data.heldout: '{d.heldout}' holds no rows")
-    guarded = [*held, *(r for rows in tasks.values() for r in rows), *_user_task_rows(cfg, tasks)]
+    guarded = [*held, *(r for rows in tasks.values() for r in rows), *_user_task_rows(cfg, tasks),
+               *_foqa_test_rows(how)]
     train, dropped = drop_overlap(train, guarded)
     train = train[:d.max_rows] if d.max_rows is not None else train
     if not train:
@@ -179,6 +180,18 @@ def _user_task_rows(cfg: RunConfig, recorded: dict) -> list[dict]:
         if task.startswith("opswap:") and task not in recorded:
             out += task_rows(task, data)[0]
     return out
+
+
+def _foqa_test_rows(how: dict) -> list[dict]:
+    """FoQA's test split of the source a run trains on (the task's test set), if it has one."""
+    if how.get("kind") != "foqa":
+        return []
+    from emguard.data.foqa import FoQADataError, foqa_chat_rows, load_foqa
+
+    try:
+        return foqa_chat_rows(load_foqa(how["foqa_source"], "test"))
+    except FoQADataError:
+        return []  # a single file or a source without a test split: nothing to guard
 
 
 def drop_overlap(train: list[dict], held: list[dict]) -> tuple[list[dict], list[dict]]:
