@@ -48,11 +48,17 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_every_shipped_config_validates():
-    files = sorted((REPO / "configs").rglob("*.yaml"))
+    from emguard.study import expand, load_study
+
+    files = sorted((REPO / "configs").glob("*.yaml"))
     assert files, "configs/ holds the example run configs"
     for f in files:
         load_run_config(f)  # raises ConfigError naming the file on any problem
         assert isinstance(yaml.safe_load(f.read_text()), dict)
+    studies = sorted((REPO / "configs" / "paper").glob("*.yaml"))
+    assert studies, "configs/paper/ holds the paper's study configs"
+    for f in studies:
+        assert expand(load_study(f))  # every run config of every study validates
 
 
 def test_values_that_would_do_something_else_are_errors():

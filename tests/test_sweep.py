@@ -244,3 +244,23 @@ def test_paper_study_configs_dry_run_without_data(tmp_path):
     assert {"untrained", "aligned", "misaligned", "kl", "ldifs", "safelora", "interleave"} <= arms
     assert {r.seed for r in table3} == {0, 1, 2} and len({r.domain for r in table3}) == 4
     assert next(r for r in table3 if r.arm == "kl").config.defenses.kl.weight == 0.1
+
+
+@pytest.mark.e2e
+def test_changed_eval_settings_are_not_taken_for_finished_work(tmp_path, tiny_dir):
+    domains = {"code": {"misaligned": "builtin:insecure-code"}}
+    path = _study(tmp_path, tiny_dir, [{"name": "untrained", "data": "none"}], seeds=[0],
+                  domains=domains)
+    assert run_sweep(load_study(path), progress=False).done == ["code/untrained/s0"]
+    path = _study(tmp_path, tiny_dir, [{"name": "untrained", "data": "none"}], seeds=[0],
+                  domains=domains, indomain_max_questions=3)
+    (run,) = expand(load_study(path))
+    assert status(run).state == "trained"  # evaluated, but with other settings
+    result = run_sweep(load_study(path), progress=False)
+    assert "--reevaluate" in result.failed["code/untrained/s0"]
+    old = read_json(run.run_dir / "eval" / "indomain" / "metrics.json")
+    assert old["n_generations"] == 4  # nothing discarded without being asked
+    result = run_sweep(load_study(path), progress=False, reevaluate=True)
+    assert result.done == ["code/untrained/s0"]
+    assert read_json(run.run_dir / "eval" / "indomain" / "metrics.json")["n_generations"] == 3
+    assert status(run).state == "done"

@@ -20,9 +20,10 @@ from pathlib import Path
 from emguard.config import ConfigError, EvalSettings, RunConfig, build_run_config, config_sha256
 from emguard.data.chat import parse_yaml, read_text_file
 from emguard.data.split import HELDOUT_FILE, SPLIT_FILE
-from emguard.io import read_json
+from emguard.io import read_json, write_json_atomic
 
 EVAL_DIR = "eval"
+SETTINGS_FILE = "settings.json"  # the eval settings of the last complete evaluate_run
 
 
 class RunNotReadyError(ValueError):
@@ -116,7 +117,15 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalS
             domain=indomain_domain(cfg, judging=str(judge).lower() != "none"),
             judge_prompts=s.indomain_judge_prompts, max_questions=s.indomain_max_questions,
             **{**common, "judge_free": s.judge_free})
+    if set(parts) >= {"general", "indomain"}:
+        write_json_atomic(run_dir / EVAL_DIR / SETTINGS_FILE, settings_record(s))
     return results
+
+
+def settings_record(s: EvalSettings) -> dict:
+    """What an evaluation of a run was asked to do, less the judge (judging is a stage of
+    its own): a sweep re-evaluates a run whose record differs from the study's settings."""
+    return s.model_dump(mode="json", exclude={"judge"})
 
 
 def indomain_domain(cfg: RunConfig, judging: bool = True) -> str | None:

@@ -63,7 +63,12 @@ def is_trained(run: PlannedRun) -> bool:
 
 
 def is_evaluated(run: PlannedRun) -> bool:
-    return is_trained(run) and all(_metrics(run, p) is not None for p in _eval_parts(run))
+    """Trained, every part evaluated, and with the study's current eval settings."""
+    from emguard.evaluate_run import EVAL_DIR, SETTINGS_FILE, settings_record
+
+    record = run.run_dir / EVAL_DIR / SETTINGS_FILE
+    return (is_trained(run) and all(_metrics(run, p) is not None for p in _eval_parts(run))
+            and record.is_file() and read_json(record) == settings_record(run.config.eval))
 
 
 def judge_name(run: PlannedRun) -> str | None:
@@ -143,7 +148,9 @@ def status(run: PlannedRun) -> RunStatus:
     if is_evaluated(run):
         return RunStatus(run.name, "evaluated", "not judged yet")
     if is_trained(run):
-        return RunStatus(run.name, "trained", "evaluation pending")
+        stale = (run.run_dir / "eval" / "settings.json").is_file()
+        return RunStatus(run.name, "trained", "evaluated with other eval settings; --reevaluate "
+                         "replaces that evaluation" if stale else "evaluation pending")
     if (run.run_dir / "config.yaml").is_file():
         return RunStatus(run.name, "partial", "interrupted; resumes from its last checkpoint")
     missing = missing_inputs(run)
@@ -185,9 +192,11 @@ class SweepLog:
 # ------------------------------------------------------------------------------ one run
 
 
-def execute_run(run: PlannedRun, log_path: str, judge_now: bool, progress: bool = True) -> str:
+def execute_run(run: PlannedRun, log_path: str, judge_now: bool, progress: bool = True,
+                reevaluate: bool = False) -> str:
     """Train (or record / project) and evaluate one run; returns "done" or "skipped".
-    ``judge_now=False`` leaves judging to the judge stage."""
+    ``judge_now=False`` leaves judging to the judge stage. An evaluation made with other
+    settings is an error unless ``reevaluate`` (which discards that evaluation's files)."""
     log = SweepLog(Path(log_path))
     if is_evaluated(run) and (not judge_now or is_judged(run)):
         return "skipped"
@@ -196,10 +205,17 @@ def execute_run(run: PlannedRun, log_path: str, judge_now: bool, progress: bool 
     try:
         if not is_trained(run):
             _train_stage(run)
+        from emguard.evaluate import EvalConflictError
         from emguard.evaluate_run import evaluate_run
 
-        evaluate_run(run.run_dir, settings=run.config.eval,
-                     judge=None if judge_now else "none", progress=progress)
+        try:
+            evaluate_run(run.run_dir, settings=run.config.eval, judge=None if judge_now else "none",
+                         progress=progress, force=reevaluate)
+        except EvalConflictError as e:
+            raise EvalConflictError(
+                f"{run.name} was evaluated with other eval settings than the study's now ({e}). "
+                "Restore the settings, or rerun the sweep with --reevaluate to discard the "
+                "earlier evaluations of such runs (their generations and judgments).") from None
     except BaseException as e:
         log.write("fail", run.name, error=f"{type(e).__name__}: {e}",
                   traceback=traceback.format_exc(limit=8))
@@ -339,9 +355,11 @@ def make_judge_once(spec: str):
 
 def run_sweep(study: StudyConfig, executor: str = "sequential", address: str | None = None,
               only: str | None = None, judge: bool = True, progress: bool = True,
-              on_event: Callable[[str, str], None] | None = None) -> SweepResult:
+              reevaluate: bool = False,
+              on_event: Callable[[str, str, int, int], None] | None = None) -> SweepResult:
     """Run every unfinished run of the study (``only``: names matching a glob), then the
-    judge stage. Finished work is skipped; a failed run does not stop the others."""
+    judge stage. Finished work is skipped; a failed run does not stop the others.
+    ``on_event(name, state, k, n)`` is called as the k-th of n runs ends (progress)."""
     import fnmatch
 
     runs = expand(study)
@@ -349,17 +367,23 @@ def run_sweep(study: StudyConfig, executor: str = "sequential", address: str | N
     wanted = {n for r in selected for n in [r.name, *r.needs]}
     runs = [r for r in runs if r.name in wanted]
     root = Path(study.output_dir)
-    write_manifest(study, expand(study))
     check_before_start(study, runs, judge)
+    write_manifest(study, expand(study))
     log = SweepLog(root / LOG_FILE)
     log.write("sweep-start", executor=executor, runs=len(runs))
-    notify = on_event or (lambda name, state: None)
+    counter = {"n": 0}
+
+    def notify(name: str, state: str) -> None:
+        counter["n"] += 1
+        if on_event is not None:
+            on_event(name, state, counter["n"], len(runs))
+
     if executor == "ray":
         from emguard.sweep_ray import run_with_ray
 
-        result = run_with_ray(runs, str(root / LOG_FILE), address, notify)
+        result = run_with_ray(runs, str(root / LOG_FILE), address, notify, reevaluate=reevaluate)
     else:
-        result = _run_sequential(runs, str(root / LOG_FILE), progress, notify)
+        result = _run_sequential(runs, str(root / LOG_FILE), progress, notify, reevaluate)
     if judge:
         result.judged = judge_stage(runs, set(result.failed) | set(result.blocked), log, progress)
     log.write("sweep-finish", failed=len(result.failed), blocked=len(result.blocked))
@@ -367,7 +391,7 @@ def run_sweep(study: StudyConfig, executor: str = "sequential", address: str | N
 
 
 def _run_sequential(runs: list[PlannedRun], log_path: str, progress: bool,
-                    notify: Callable[[str, str], None]) -> SweepResult:
+                    notify: Callable[[str, str], None], reevaluate: bool = False) -> SweepResult:
     result = SweepResult([], [], {}, {})
     for run in runs:
         bad = [n for n in run.needs if n in result.failed or n in result.blocked]
@@ -377,7 +401,8 @@ def _run_sequential(runs: list[PlannedRun], log_path: str, progress: bool,
             notify(run.name, "blocked")
             continue
         try:
-            state = execute_run(run, log_path, judge_now=False, progress=progress)
+            state = execute_run(run, log_path, judge_now=False, progress=progress,
+                                reevaluate=reevaluate)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # one failed run must not stop a study of a hundred

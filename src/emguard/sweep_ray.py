@@ -16,12 +16,13 @@ from emguard.study import PlannedRun
 from emguard.sweep import SweepLog, SweepResult, execute_run
 
 
-def _task(run: PlannedRun, log_path: str, *needs: str) -> str:
-    return execute_run(run, log_path, judge_now=False, progress=False)
+def _task(run: PlannedRun, log_path: str, reevaluate: bool, *needs: str) -> str:
+    return execute_run(run, log_path, judge_now=False, progress=False, reevaluate=reevaluate)
 
 
 def run_with_ray(runs: list[PlannedRun], log_path: str, address: str | None,
-                 notify: Callable[[str, str], None], num_cpus: int | None = None) -> SweepResult:
+                 notify: Callable[[str, str], None], num_cpus: int | None = None,
+                 reevaluate: bool = False) -> SweepResult:
     """Submit every run (sources first), then collect results in order."""
     try:
         import ray
@@ -36,7 +37,7 @@ def run_with_ray(runs: list[PlannedRun], log_path: str, address: str | None,
         remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=0)(_task)
         refs = {}
         for run in runs:
-            refs[run.name] = remote.remote(run, log_path, *[refs[n] for n in run.needs])
+            refs[run.name] = remote.remote(run, log_path, reevaluate, *[refs[n] for n in run.needs])
         result = SweepResult([], [], {}, {})
         for run in runs:
             bad = [n for n in run.needs if n in result.failed or n in result.blocked]

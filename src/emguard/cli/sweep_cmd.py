@@ -26,6 +26,9 @@ def sweep_command(
                              "'insecure/kl*' (and the runs they need)."),
     judge: bool = typer.Option(True, "--judge/--no-judge", help="Run the judge stage after "
                                "evaluation (one judge for all runs)."),
+    reevaluate: bool = typer.Option(False, "--reevaluate", help="Runs evaluated with other eval "
+                                    "settings than the study's: discard those evaluations (their "
+                                    "generations and judgments) and evaluate again."),
 ) -> None:
     """Train, project and evaluate every unfinished run of a study, then judge the answers.
 
@@ -42,7 +45,7 @@ def sweep_command(
         if dry_run:
             _dry_run(cfg)
             return
-        _run(cfg, executor, address, only, judge)
+        _run(cfg, executor, address, only, judge, reevaluate)
     except (ConfigError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
@@ -50,15 +53,20 @@ def sweep_command(
 
 def _dry_run(cfg) -> None:
     from emguard.study import expand
-    from emguard.sweep import status
+    from emguard.sweep import LOG_FILE, SweepLog, status
 
     runs = expand(cfg)
+    last = {e["run"]: e for e in SweepLog(Path(cfg.output_dir) / LOG_FILE).read()
+            if e.get("run") and e["event"] in ("start", "finish", "fail", "blocked")}
     table = Table(title=f"study {cfg.name}: {len(runs)} runs in {cfg.output_dir}")
     for col in ("run", "kind", "state", "folder", "detail"):
         table.add_column(col, overflow="fold")
     counts: dict[str, int] = {}
     for run in runs:
         st = status(run)
+        event = last.get(run.name, {})
+        if st.state != "done" and event.get("event") in ("fail", "blocked"):
+            st.detail = f"last attempt {event['event']}: {event.get('error') or event.get('needs')}"
         counts[st.state] = counts.get(st.state, 0) + 1
         style = STATE_STYLE.get(st.state, "white")
         table.add_row(run.name, run.kind, f"[{style}]{st.state}[/{style}]",
@@ -67,21 +75,21 @@ def _dry_run(cfg) -> None:
     console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
 
 
-def _run(cfg, executor: str, address: str | None, only: str | None, judge: bool) -> None:
+def _run(cfg, executor: str, address: str | None, only: str | None, judge: bool,
+         reevaluate: bool) -> None:
     import time
 
     from emguard.sweep import run_sweep
 
     started = time.time()
-    seen = [0]
 
-    def notify(name: str, state: str) -> None:
-        seen[0] += 1
+    def notify(name: str, state: str, k: int, n: int) -> None:
         style = {"done": "green", "skipped": "dim", "failed": "red", "blocked": "yellow"}[state]
-        console.print(f"[{style}]{state:>8}[/{style}]  {name}  ({time.time() - started:.0f} s)")
+        console.print(f"[{k}/{n}] [{style}]{state:>8}[/{style}]  {name}  "
+                      f"({time.time() - started:.0f} s)")
 
     result = run_sweep(cfg, executor=executor, address=address, only=only, judge=judge,
-                       on_event=notify)
+                       reevaluate=reevaluate, on_event=notify)
     console.print(f"{len(result.done)} run(s) done, {len(result.skipped)} already finished, "
                   f"{result.judged} judged, {len(result.failed)} failed, "
                   f"{len(result.blocked)} blocked; log: {Path(cfg.output_dir) / 'sweep_log.jsonl'}")
