@@ -212,6 +212,13 @@ def test_judge_stage_scores_every_run_with_one_judge(tmp_path, tiny_dir):
             judged = read_jsonl(run.run_dir / "eval" / part / "judgments.jsonl")
             assert len(judged) == n
         assert status(run).state == "done"
+    from emguard.report import build_report
+
+    report = build_report(tmp_path / "study")  # the report reads what the sweep wrote
+    table3 = next(t for t in report.tables if t.key == "table3")
+    assert [(r[0].text, r[1].text) for r in table3.rows] == [("code", "untrained"),
+                                                             ("code", "misaligned")]
+    assert report.html.is_file() and (report.out / "overview.png").is_file()
 
 
 @pytest.mark.e2e

@@ -392,6 +392,17 @@ def run_sweep(study: StudyConfig, executor: str = "sequential", address: str | N
 
 def _run_sequential(runs: list[PlannedRun], log_path: str, progress: bool,
                     notify: Callable[[str, str], None], reevaluate: bool = False) -> SweepResult:
+    return collect(runs, log_path, notify, lambda run: execute_run(
+        run, log_path, judge_now=False, progress=progress, reevaluate=reevaluate))
+
+
+def collect(runs: list[PlannedRun], log_path: str, notify: Callable[[str, str], None],
+            outcome: Callable[[PlannedRun], str], errors: tuple[type[BaseException], ...] = (Exception,),
+            describe: Callable[[BaseException], str] = lambda e: f"{type(e).__name__}: {e}",
+            ) -> SweepResult:
+    """Run ``outcome(run)`` (its state) for each run in order; a run whose source failed or
+    was blocked is blocked; an exception of ``errors`` fails that run only (a study of a
+    hundred runs goes on)."""
     result = SweepResult([], [], {}, {})
     for run in runs:
         bad = [n for n in run.needs if n in result.failed or n in result.blocked]
@@ -401,12 +412,9 @@ def _run_sequential(runs: list[PlannedRun], log_path: str, progress: bool,
             notify(run.name, "blocked")
             continue
         try:
-            state = execute_run(run, log_path, judge_now=False, progress=progress,
-                                reevaluate=reevaluate)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # one failed run must not stop a study of a hundred
-            result.failed[run.name] = f"{type(e).__name__}: {e}"
+            state = outcome(run)
+        except errors as e:
+            result.failed[run.name] = describe(e)
             notify(run.name, "failed")
             continue
         (result.done if state == "done" else result.skipped).append(run.name)

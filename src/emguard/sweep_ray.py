@@ -10,14 +10,19 @@ sweep log and the model cache are written there). ``address``: ``auto`` or
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from emguard.study import PlannedRun
-from emguard.sweep import SweepLog, SweepResult, execute_run
+from emguard.sweep import SweepResult, collect, execute_run
 
 
 def _task(run: PlannedRun, log_path: str, reevaluate: bool, *needs: str) -> str:
     return execute_run(run, log_path, judge_now=False, progress=False, reevaluate=reevaluate)
+
+
+def _describe(error: BaseException) -> str:
+    """The run's own exception, not Ray's wrapper around it."""
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {cause}"
 
 
 def run_with_ray(runs: list[PlannedRun], log_path: str, address: str | None,
@@ -38,24 +43,8 @@ def run_with_ray(runs: list[PlannedRun], log_path: str, address: str | None,
         refs = {}
         for run in runs:
             refs[run.name] = remote.remote(run, log_path, reevaluate, *[refs[n] for n in run.needs])
-        result = SweepResult([], [], {}, {})
-        for run in runs:
-            bad = [n for n in run.needs if n in result.failed or n in result.blocked]
-            if bad:
-                result.blocked[run.name] = bad[0]
-                SweepLog(Path(log_path)).write("blocked", run.name, needs=bad[0])
-                notify(run.name, "blocked")
-                continue
-            try:
-                state = ray.get(refs[run.name])
-            except ray.exceptions.RayError as e:
-                cause = getattr(e, "cause", None) or e
-                result.failed[run.name] = f"{type(cause).__name__}: {cause}"
-                notify(run.name, "failed")
-                continue
-            (result.done if state == "done" else result.skipped).append(run.name)
-            notify(run.name, state)
-        return result
+        return collect(runs, log_path, notify, lambda run: ray.get(refs[run.name]),
+                       errors=(ray.exceptions.RayError,), describe=_describe)
     finally:
         if started_here:
             ray.shutdown()

@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "emguard.cli.safelora_cmd",
     "emguard.cli.eval_cmd",
     "emguard.cli.sweep_cmd",
+    "emguard.cli.report_cmd",
 ]
 
 for _name in COMMAND_MODULES:

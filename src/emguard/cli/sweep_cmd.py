@@ -40,6 +40,12 @@ def sweep_command(
 
     if executor not in ("sequential", "ray"):
         raise typer.BadParameter("must be sequential or ray", param_hint="--executor")
+    if executor == "ray" and not dry_run:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise typer.BadParameter("Ray is not installed: pip install 'emguard[ray]'",
+                                     param_hint="--executor")
     try:
         cfg = load_study(study)
         if dry_run:

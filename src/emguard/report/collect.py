@@ -1,0 +1,175 @@
+"""Read a study folder for the report: its manifest, and each run's recorded results.
+
+Only files are read (``runs-NAME.json``, ``RUN/summary.json``, ``RUN/eval/*/metrics.json``
+and ``judge_free.json``); no model is ever loaded. A run without results is listed as
+missing, not an error, so a report of a half-finished study shows what there is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from emguard.io import read_json
+from emguard.report.stats import mean_replicates, rate_replicates
+
+# measure key -> (part, how to read it); rates in %, judge-free values in their units
+JUDGE_MEASURES = {
+    "general_misaligned": ("general", "n_misaligned"),
+    "general_incoherent": ("general", "n_incoherent"),
+    "indomain_misaligned": ("indomain", "n_misaligned"),
+    "indomain_incoherent": ("indomain", "n_incoherent"),
+}
+FREE_MEASURES = {  # key -> (part, label, lower/higher is what)
+    "drift_kl": ("general", "general drift KL (nats/token)"),
+    "preference_margin": ("general", "misalignment preference margin"),
+    "share_misaligned_preferred": ("general", "pairs preferring the misaligned answer (%)"),
+    "heldout_nll": ("indomain", "held-out NLL (nats/token)"),
+    "bandit_share": ("indomain", "bandit-flagged completions (%)"),
+}
+
+
+class ReportInputError(ValueError):
+    """A study folder the report cannot read; the message says what is missing."""
+
+
+@dataclass
+class RunResult:
+    """One run of a study with what its folder holds."""
+
+    name: str
+    domain: str
+    arm: str
+    seed: int
+    point: dict
+    kind: str
+    run_dir: Path
+    metrics: dict[str, dict] = field(default_factory=dict)  # part -> metrics.json
+    free: dict[str, dict] = field(default_factory=dict)  # part -> judge_free.json
+    summary: dict | None = None
+    split: dict | None = None
+    config: dict | None = None
+
+    @property
+    def cell(self) -> tuple:
+        """What seeds are pooled over: domain, arm and grid point."""
+        return (self.domain, self.arm, tuple(sorted(self.point.items())))
+
+
+def find_manifest(study_dir: Path, name: str | None = None) -> Path:
+    """The study's ``runs-NAME.json``; several in one folder need ``name``."""
+    found = sorted(Path(study_dir).glob("runs-*.json"))
+    if name is not None:
+        path = Path(study_dir) / f"runs-{name}.json"
+        if not path.is_file():
+            raise ReportInputError(f"{study_dir}: no runs-{name}.json (studies here: "
+                                   f"{_names(found) or 'none'})")
+        return path
+    if not found:
+        raise ReportInputError(f"{study_dir}: no runs-NAME.json; run `emguard sweep STUDY.yaml` "
+                               "first (it writes the list of runs)")
+    if len(found) > 1:
+        raise ReportInputError(f"{study_dir} holds several studies ({_names(found)}); "
+                               "choose one with --study NAME")
+    return found[0]
+
+
+def _names(paths: list[Path]) -> str:
+    return ", ".join(p.stem.removeprefix("runs-") for p in paths)
+
+
+def load_runs(study_dir: str | Path, name: str | None = None) -> tuple[dict, list[RunResult]]:
+    """(the study's resolved config, its runs with their recorded results)."""
+    manifest = read_json(find_manifest(Path(study_dir), name))
+    runs = []
+    for r in manifest["runs"]:
+        run = RunResult(r["name"], r["domain"], r["arm"], r["seed"], r["point"], r["kind"],
+                        Path(r["dir"]))
+        _read(run)
+        runs.append(run)
+    return manifest["study"], runs
+
+
+def _read(run: RunResult) -> None:
+    d = run.run_dir
+    for fname, attr in (("summary.json", "summary"), ("data_split.json", "split")):
+        if (d / fname).is_file():
+            setattr(run, attr, read_json(d / fname))
+    if (d / "config.yaml").is_file():
+        import yaml
+
+        run.config = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
+    for part in ("general", "indomain"):
+        if (d / "eval" / part / "metrics.json").is_file():
+            run.metrics[part] = read_json(d / "eval" / part / "metrics.json")
+        if (d / "eval" / part / "judge_free.json").is_file():
+            run.free[part] = read_json(d / "eval" / part / "judge_free.json")
+
+
+def measure(run: RunResult, key: str, rng: np.random.Generator) -> tuple[float | None, np.ndarray | None]:
+    """(value, bootstrap replicates over questions / items) of one measure of one run."""
+    if key in JUDGE_MEASURES:
+        part, count = JUDGE_MEASURES[key]
+        judged = (run.metrics.get(part) or {}).get("llm_judge")
+        if not judged:
+            return None, None
+        counts = [(q[count], q["n_scored"]) for q in judged["per_question"].values()]
+        return rate_replicates(counts, rng)
+    if key.startswith("task:"):
+        task = (run.metrics.get("general") or {}).get("tasks") or {}
+        result = task.get(key[len("task:"):])
+        if not result:
+            return None, None
+        value, reps = mean_replicates([100.0 * q["score"] for q in result["per_question"]], rng)
+        return value, reps
+    return _judge_free(run, key, rng)
+
+
+def _judge_free(run: RunResult, key: str, rng: np.random.Generator):
+    part = FREE_MEASURES[key][0]
+    free = run.free.get(part) or {}
+    if key == "drift_kl" and free.get("drift"):
+        per = free["drift"].get("kl_per_answer") or []
+        value = free["drift"].get("kl_mean")
+        return (value, mean_replicates(per, rng)[1]) if value is not None else (None, None)
+    if key in ("preference_margin", "share_misaligned_preferred") and free.get("preference"):
+        margins = [p["margin"] for p in free["preference"]["pairs"]]
+        if key == "preference_margin":
+            return mean_replicates(margins, rng)
+        return mean_replicates([100.0 * (m > 0) for m in margins], rng)
+    if key == "heldout_nll" and free.get("heldout_nll"):
+        return free["heldout_nll"].get("nll_mean"), None  # no per-row values recorded
+    if key == "bandit_share" and free.get("bandit"):
+        b = free["bandit"]
+        flagged = {int(i) for i in (b.get("flagged") or {})}
+        return mean_replicates([100.0 * (i in flagged) for i in range(b["n"])], rng)
+    return None, None
+
+
+def tasks_of(runs: list[RunResult]) -> list[str]:
+    """The benign tasks any run was scored on (``opswap:T``, ``foqa``), sorted."""
+    return sorted({t for r in runs for t in ((r.metrics.get("general") or {}).get("tasks") or {})})
+
+
+def warnings_of(study: dict, runs: list[RunResult]) -> list[str]:
+    """Things a reader must know: stand-in data, runs without results, no judge."""
+    out = []
+    sources = {((r.config or {}).get("defenses") or {}).get("interleave", {}) and
+               r.config["defenses"]["interleave"]["source"] for r in runs if r.config}
+    if any(isinstance(s, str) and s.startswith("builtin:") for s in sources):
+        out.append("interleaving used the built-in safe-instruct stand-in, not WildGuardMix "
+                   "(the paper's source)")
+    missing = [r.name for r in runs if not r.metrics]
+    if missing:
+        out.append(f"{len(missing)} run(s) have no results yet: {', '.join(missing[:8])}"
+                   + (" ..." if len(missing) > 8 else ""))
+    judged = any((m or {}).get("llm_judge") for r in runs for m in r.metrics.values())
+    if runs and not judged:
+        out.append("no LLM-judge verdicts: misalignment/incoherence rates are empty; the "
+                   "judge-free measures are shown (configure eval.judge for the paper's metric)")
+    general = {(r.config or {}).get("eval", {}).get("general_questions") for r in runs}
+    if "builtin:general-questions" in general:
+        out.append("general questions: emguard's built-in set, a stand-in for Betley et al.'s")
+    return out

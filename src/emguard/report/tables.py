@@ -1,0 +1,200 @@
+"""The report's tables: the paper's Table 3 layout, ablations, benign tasks, judge-free.
+
+Every table is a ``Table``: a title, column names and rows of cells; a cell is text plus
+the numbers behind it (value, interval, spread, the paper's value), so the same table is
+written as Markdown, CSV and HTML. Marks follow the paper, but only where the interval
+supports them: ✓ reduction / retention whose whole interval is at least 90 %, ↑ an
+incoherence above the misaligned baseline's with an interval of the difference above 0.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from emguard.report.collect import FREE_MEASURES, JUDGE_MEASURES, RunResult, measure, tasks_of
+from emguard.report.stats import (
+    EMPTY,
+    Estimate,
+    combine_seeds,
+    differs,
+    mean_of,
+    reduction,
+    retention,
+    supported_above,
+)
+
+BASELINE = "misaligned"
+ARM_ORDER = ["untrained", "aligned", "misaligned", "sft", "kl", "ldifs", "safelora", "interleave"]
+COLUMNS = [("general_misaligned", "general misal. %"), ("general_incoherent", "general incoh. %"),
+           ("indomain_misaligned", "in-domain misal. %"), ("indomain_incoherent", "in-domain incoh. %")]
+
+
+@dataclass
+class Cell:
+    text: str
+    est: Estimate = EMPTY
+    paper: float | None = None
+    mark: str = ""
+
+
+@dataclass
+class Table:
+    key: str
+    title: str
+    columns: list[str]
+    rows: list[list[Cell]] = field(default_factory=list)
+    note: str = ""
+
+
+def point_label(point: tuple) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in point)
+
+
+def arm_label(arm: str, point: tuple) -> str:
+    return f"{arm} ({point_label(point)})" if point else arm
+
+
+def _order(key: tuple) -> tuple:
+    domain, arm, point = key
+    rank = ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER)
+    return (domain, rank, arm, point)
+
+
+def estimates(runs: list[RunResult], keys: list[str], seed: int = 0) -> dict[tuple, dict[str, Estimate]]:
+    """Per cell (domain, arm, grid point): each measure pooled over the cell's seeds."""
+    rng = np.random.default_rng(seed)
+    groups: dict[tuple, list[RunResult]] = defaultdict(list)
+    for r in runs:
+        if r.metrics:
+            groups[r.cell].append(r)
+    return {cell: {k: combine_seeds([measure(r, k, rng) for r in group]) for k in keys}
+            for cell, group in sorted(groups.items(), key=lambda kv: _order(kv[0]))}
+
+
+def _cell(est: Estimate, paper: float | None = None, mark: str = "", digits: int = 1) -> Cell:
+    text = est.fmt(digits)
+    if paper is not None:
+        text += f" (paper {paper:g})"
+    return Cell(text + (f" {mark}" if mark else ""), est, paper, mark)
+
+
+def judge_table(key: str, title: str, cells: dict[tuple, dict[str, Estimate]],
+                rows: list[tuple], paper=None) -> Table:
+    """Rows of judge rates + EMA reduction and in-domain retention vs the domain's baseline."""
+    t = Table(key, title, ["dataset", "arm", *[c for _, c in COLUMNS],
+                           "EMA reduction %", "in-domain retention %"])
+    for cell in sorted(rows, key=_order):
+        domain, arm, point = cell
+        est = cells[cell]
+        base = cells.get((domain, BASELINE, ()), {})
+        row = [Cell(domain), Cell(arm_label(arm, point))]
+        for m, _ in COLUMNS:
+            mark = ""
+            if m.endswith("incoherent") and arm != BASELINE and base:
+                mark = "↑" if differs(est[m], base[m]) > 0 else ""
+            row.append(_cell(est[m], paper(key, domain, arm, point, m) if paper else None, mark))
+        if base and arm != BASELINE:
+            red = reduction(est["general_misaligned"], base["general_misaligned"])
+            ret = retention(est["indomain_misaligned"], base["indomain_misaligned"])
+            row += [_cell(red, mark="✓" if supported_above(red, 90) else ""),
+                    _cell(ret, mark="✓" if supported_above(ret, 90) else "")]
+        else:
+            row += [Cell("-"), Cell("-")]
+        t.rows.append(row)
+    return t
+
+
+def average_rows(cells: dict[tuple, dict[str, Estimate]]) -> Table:
+    """EMA reduction and retention per arm, averaged over the datasets (replicate-wise)."""
+    t = Table("average", "Mean over datasets", ["arm", "EMA reduction %", "in-domain retention %"])
+    by_arm: dict[tuple, list[tuple[Estimate, Estimate]]] = defaultdict(list)
+    for (domain, arm, point), est in cells.items():
+        base = cells.get((domain, BASELINE, ()))
+        if base is None or arm == BASELINE:
+            continue
+        by_arm[(arm, point)].append((reduction(est["general_misaligned"], base["general_misaligned"]),
+                                     retention(est["indomain_misaligned"], base["indomain_misaligned"])))
+    for (arm, point), pairs in sorted(by_arm.items(), key=lambda kv: _order(("", *kv[0]))):
+        red, ret = mean_of([p[0] for p in pairs]), mean_of([p[1] for p in pairs])
+        t.rows.append([Cell(arm_label(arm, point)),
+                       _cell(red, mark="✓" if supported_above(red, 90) else ""),
+                       _cell(ret, mark="✓" if supported_above(ret, 90) else "")])
+    return t
+
+
+def main_tables(runs: list[RunResult], paper=None) -> list[Table]:
+    """Table 3 (one row per dataset and arm at one setting) and the ablations (arms with a
+    grid of several values), each with EMA reduction and retention. ``paper(table, domain,
+    arm, point, measure)`` gives the paper's number for a cell (emguard.report.paper)."""
+    cells = estimates(runs, [m for m, _ in COLUMNS])
+    grids = _grid_params(cells)
+    main = [c for c in cells if not c[2] or len(grids.get((c[1], c[2][0][0]), ())) <= 1]
+    out = [judge_table("table3", "Misalignment and coherence per dataset and arm (paper Table 3)",
+                       cells, main, paper), average_rows({c: cells[c] for c in main})]
+    for (arm, param), values in grids.items():
+        if len(values) <= 1:
+            continue
+        rows = [c for c in cells if c[1] == BASELINE and not c[2]]
+        rows += [c for c in cells if c[1] == arm and c[2] and c[2][0][0] == param]
+        out.append(judge_table(f"ablation_{arm}", f"Ablation: {param} (paper Tables 8-11)",
+                               cells, rows, paper))
+    return out
+
+
+def _grid_params(cells) -> dict[tuple[str, str], set]:
+    grids: dict[tuple[str, str], set] = defaultdict(set)
+    for _, arm, point in cells:
+        if len(point) == 1:
+            grids[(arm, point[0][0])].add(point[0][1])
+    return grids
+
+
+def task_table(runs: list[RunResult], paper=None) -> Table | None:
+    """Exact match (%) per arm and benign task (paper Tables 5, 6)."""
+    tasks = tasks_of(runs)
+    if not tasks:
+        return None
+    keys = [f"task:{t}" for t in tasks]
+    per_arm: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    rng = np.random.default_rng(0)
+    for r in runs:
+        for k in keys:
+            value, reps = measure(r, k, rng)
+            if value is not None:
+                per_arm[(r.arm, tuple(sorted(r.point.items())))][k].append((value, reps))
+    t = Table("tasks", "Benign-task exact match % (paper Tables 5, 6)", ["arm", *tasks])
+    for (arm, point), by_task in sorted(per_arm.items(), key=lambda kv: _order(("", *kv[0]))):
+        t.rows.append([Cell(arm_label(arm, point))] + [
+            _cell(combine_seeds(by_task.get(k, [])),
+                  paper("tasks", None, arm, point, k[5:]) if paper else None)
+            for k in keys])
+    return t
+
+
+def judge_free_table(runs: list[RunResult]) -> Table | None:
+    """The judge-free measures per dataset and arm, beside the judge's."""
+    cells = estimates(runs, list(FREE_MEASURES))
+    shown = [k for k in FREE_MEASURES if any(c[k].value is not None for c in cells.values())]
+    if not shown:
+        return None
+    t = Table("judge_free", "Judge-free measures (no LLM judge involved)",
+              ["dataset", "arm", *[FREE_MEASURES[k][1] for k in shown]])
+    for (domain, arm, point), est in cells.items():
+        if any(est[k].value is not None for k in shown):
+            t.rows.append([Cell(domain), Cell(arm_label(arm, point))] +
+                          [_cell(est[k], digits=3) for k in shown])
+    t.note = ("drift KL and preference: general questions and the project's preference pairs; "
+              "held-out NLL and bandit: the run's held-out in-domain set. Intervals: bootstrap "
+              "over answers / pairs / completions; held-out NLL has none (no per-row values).")
+    return t
+
+
+def has_judge(runs: list[RunResult]) -> bool:
+    return any((m or {}).get("llm_judge") for r in runs for m in r.metrics.values())
+
+
+def judge_measures() -> list[str]:
+    return list(JUDGE_MEASURES)
