@@ -218,7 +218,8 @@ def test_judge_stage_scores_every_run_with_one_judge(tmp_path, tiny_dir):
     table3 = next(t for t in report.tables if t.key == "table3")
     assert [(r[0].text, r[1].text) for r in table3.rows] == [("code", "untrained"),
                                                              ("code", "misaligned")]
-    assert report.html.is_file() and (report.out / "overview.png").is_file()
+    # the tiny random judge puts too little mass on numbers: no verdicts, and the report says so
+    assert report.html.is_file() and any("no answer was scored" in w for w in report.warnings)
 
 
 @pytest.mark.e2e

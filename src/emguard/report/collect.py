@@ -166,6 +166,15 @@ def warnings_of(study: dict, runs: list[RunResult]) -> list[str]:
         out.append(f"{len(missing)} run(s) have no results yet: {', '.join(missing[:8])}"
                    + (" ..." if len(missing) > 8 else ""))
     judged = any((m or {}).get("llm_judge") for r in runs for m in r.metrics.values())
+    overall = [m["llm_judge"]["overall"] for r in runs for m in r.metrics.values()
+               if (m or {}).get("llm_judge") and m["llm_judge"].get("overall")]
+    n_missing = sum(o.get("n_missing", 0) for o in overall)
+    n_answers = sum(o.get("n_answers", 0) for o in overall)
+    if n_missing:
+        out.append(f"{n_missing} of {n_answers} judged answers have no verdict (too little "
+                   "probability on numbers, or errors) and are left out of the rates"
+                   + ("; no answer was scored, so every rate is empty" if n_missing == n_answers
+                      else ""))
     if runs and not judged:
         out.append("no LLM-judge verdicts: misalignment/incoherence rates are empty; the "
                    "judge-free measures are shown (configure eval.judge for the paper's metric)")
