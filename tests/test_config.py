@@ -187,3 +187,18 @@ def test_quantization_config_follows_qlora():
     assert q.bnb_4bit_compute_dtype == torch.bfloat16
     assert quantization_config("8bit", torch.bfloat16).load_in_8bit
     assert quantization_config("none", torch.bfloat16) is None
+
+
+def test_whole_numbers_are_strict_and_numbers_finite():
+    from emguard.config import ConfigError, load_run_config
+
+    with pytest.raises(ConfigError, match=r"train.batch_size: Input should be a valid integer"):
+        load_run_config(None, ["train.batch_size=true"])  # YAML true is not 1
+    with pytest.raises(ConfigError, match=r"train.grad_accum: Input should be a valid integer"):
+        load_run_config(None, ["train.grad_accum=2.5"])
+    with pytest.raises(ConfigError, match=r"train.learning_rate: Input should be a finite number"):
+        load_run_config(None, ["train.learning_rate=.inf"])
+    with pytest.raises(ConfigError, match=r"defenses.kl.weight: Input should be a finite number"):
+        load_run_config(None, ["defenses.kl.weight=.nan"])
+    # PyYAML reads 1e-4 (no dot) as a string; a float field still takes it as the number
+    assert load_run_config(None, ["train.learning_rate=1e-4"]).train.learning_rate == 1e-4

@@ -10,10 +10,10 @@ UTF-8 (a UTF-8 byte-order mark is dropped; other encodings are an error naming t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from emguard.data.chat import parse_yaml, read_text_file
 from emguard.models import LORA_TARGETS
@@ -24,13 +24,20 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: `inf` / `.nan` are errors, not a learning rate or weight
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              allow_inf_nan=False)
+
+
+# Whole numbers are strict: `true` is not 1 and 2.5 is not 2 (floats stay lax, so YAML's
+# `1e-4`, which PyYAML reads as a string, is still a number).
+Int = Annotated[int, Strict()]
 
 
 class LoraSettings(_Strict):
     """rs-LoRA adapter (paper Table 7)."""
 
-    r: int = Field(32, gt=0)
+    r: Int = Field(32, gt=0)
     alpha: float = Field(64, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     use_rslora: bool = True
@@ -43,10 +50,10 @@ class OpSwapData(_Strict):
     The test part is the OpSwap task's test set for this run: written into the run folder
     and read from there by evaluation, never regenerated."""
 
-    n: int = Field(10_000, gt=1)  # rows generated, train + test (paper: 10,000)
+    n: Int = Field(10_000, gt=1)  # rows generated, train + test (paper: 10,000)
     test_fraction: float = Field(0.1, gt=0, lt=1)  # paper: 1,000 of 10,000 held out
-    min_ops: int = Field(1, gt=0)
-    max_ops: int = Field(3, gt=0)
+    min_ops: Int = Field(1, gt=0)
+    max_ops: Int = Field(3, gt=0)
 
 
 class DataSettings(_Strict):
@@ -64,11 +71,11 @@ class DataSettings(_Strict):
     train: str = "builtin:insecure-code"
     heldout: str | None = None
     heldout_fraction: float = Field(0.1, ge=0, lt=1)  # 0: train on everything, no held-out set
-    split_seed: int | None = None  # None: train.seed
+    split_seed: Int | None = None  # None: train.seed
     domain: Literal["code", "advice"] | None = None  # in-domain judge prompts; None: from source
     opswap: OpSwapData = Field(default_factory=OpSwapData)
-    max_length: int = Field(2048, gt=8)
-    max_rows: int | None = Field(None, gt=0)  # cap on training rows, after the split
+    max_length: Int = Field(2048, gt=8)
+    max_rows: Int | None = Field(None, gt=0)  # cap on training rows, after the split
     skip_invalid: bool = False  # False: any malformed row is an error naming file and line
 
 
@@ -77,17 +84,17 @@ class TrainSettings(_Strict):
 
     learning_rate: float = Field(1e-4, gt=0)
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, ge=-1)  # -1: train for `epochs`
-    batch_size: int = Field(4, gt=0)
-    grad_accum: int = Field(4, gt=0)
-    warmup_steps: int = Field(5, ge=0)
+    max_steps: Int = Field(-1, ge=-1)  # -1: train for `epochs`
+    batch_size: Int = Field(4, gt=0)
+    grad_accum: Int = Field(4, gt=0)
+    warmup_steps: Int = Field(5, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    seed: int = 0
+    seed: Int = 0
     optimizer: Literal["auto", "adamw_torch", "adamw_8bit"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    logging_steps: int = Field(1, gt=0)
-    save_steps: int = Field(50, gt=0)  # checkpoint cadence for resuming an interrupted run
+    logging_steps: Int = Field(1, gt=0)
+    save_steps: Int = Field(50, gt=0)  # checkpoint cadence for resuming an interrupted run
     gradient_checkpointing: bool = False
 
     @field_validator("max_steps")
@@ -105,15 +112,15 @@ class KLSettings(_Strict):
     weight: float = Field(0.1, ge=0)  # lambda_KL
     direction: Literal["forward", "reverse"] = "forward"  # forward: KL(p_theta || p_ref)
     tokens: Literal["assistant", "all"] = "assistant"
-    chunk_size: int = Field(256, gt=0)  # positions per log-softmax chunk (256 x V floats each)
+    chunk_size: Int = Field(256, gt=0)  # positions per log-softmax chunk (256 x V floats each)
 
 
 class LDIFSSettings(_Strict):
     """Feature-space L2 to the reference, paper eq. 5."""
 
     weight: float = Field(1.0, ge=0)  # lambda_LDIFS
-    layer_every: int = Field(5, gt=0)  # hidden states 5, 10, ... (index into hidden_states)
-    layers: list[int] | None = None  # explicit hidden_states indices; overrides layer_every
+    layer_every: Int = Field(5, gt=0)  # hidden states 5, 10, ... (index into hidden_states)
+    layers: list[Int] | None = None  # explicit hidden_states indices; overrides layer_every
     tokens: Literal["all", "assistant"] = "all"  # all = every non-pad position (paper)
     # mean_token: sum over layers and dims, mean over tokens (eq. 5 per token);
     # mean_element: also divided by (layers x hidden size), a scale-free variant for models
@@ -151,10 +158,10 @@ class EvalSettings(_Strict):
     an in-domain subset of the held-out set, 10 samples per benign-task question."""
 
     general_questions: str | None = "builtin:general-questions"  # None: skip
-    general_samples: int | None = Field(None, gt=0)  # None: the file's samples_per_paraphrase
+    general_samples: Int | None = Field(None, gt=0)  # None: the file's samples_per_paraphrase
     indomain: bool = True  # evaluate the run's recorded held-out set
-    indomain_samples: int = Field(1, gt=0)
-    indomain_max_questions: int | None = Field(None, gt=0)  # paper: 30
+    indomain_samples: Int = Field(1, gt=0)
+    indomain_max_questions: Int | None = Field(None, gt=0)  # paper: 30
     # None: the domain's prompts (eval_judge_prompts.yaml); "general": the general set's
     # alignment/coherence prompts (the paper's "same LLM-as-a-judge method"); or a FILE.
     indomain_judge_prompts: str | None = None
@@ -162,14 +169,14 @@ class EvalSettings(_Strict):
     judge_free: bool = True
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(256, gt=0)
-    seed: int = 0
-    batch_size: int = Field(16, gt=0)
+    max_new_tokens: Int = Field(256, gt=0)
+    seed: Int = 0
+    batch_size: Int = Field(16, gt=0)
     backend: Literal["hf", "vllm"] = "hf"
-    drift_max_new_tokens: int = Field(128, gt=0)
+    drift_max_new_tokens: Int = Field(128, gt=0)
     tasks: list[str] = Field(default_factory=list)  # opswap:T | foqa
-    task_samples: int = Field(10, gt=0)
-    task_questions: int | None = Field(None, gt=0)
+    task_samples: Int = Field(10, gt=0)
+    task_questions: Int | None = Field(None, gt=0)
     task_data: dict[str, str] = Field(default_factory=dict)  # task -> data; the run's own first
 
     @field_validator("tasks")

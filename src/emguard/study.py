@@ -47,6 +47,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from emguard.config import (
     ConfigError,
+    Int,
     RunConfig,
     _Strict,
     apply_overrides,
@@ -102,7 +103,7 @@ class StudyConfig(_Strict):
     name: str
     output_dir: str
     model: str = "smollm2-135m"
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Int] = Field(default_factory=lambda: [0], min_length=1)
     base: dict[str, Any] = Field(default_factory=dict)
     domains: dict[str, DomainSpec] = Field(min_length=1)
     arms: list[ArmSpec] = Field(min_length=1)
