@@ -212,9 +212,13 @@ def test_judge_stage_scores_every_run_with_one_judge(tmp_path, tiny_dir):
             judged = read_jsonl(run.run_dir / "eval" / part / "judgments.jsonl")
             assert len(judged) == n
         assert status(run).state == "done"
+    import shutil
+
     from emguard.report import build_report
 
-    report = build_report(tmp_path / "study")  # the report reads what the sweep wrote
+    moved = tmp_path / "moved"  # a study folder moved elsewhere still reports
+    shutil.move(tmp_path / "study", moved)
+    report = build_report(moved)  # the report reads what the sweep wrote
     table3 = next(t for t in report.tables if t.key == "table3")
     assert [(r[0].text, r[1].text) for r in table3.rows] == [("code", "untrained"),
                                                              ("code", "misaligned")]

@@ -301,7 +301,8 @@ def write_manifest(study: StudyConfig, runs: list[PlannedRun]) -> None:
     write_json_atomic(manifest_path(study), {
         "format": "emguard.study/1", "study": study.model_dump(mode="json"),
         "runs": [{"name": r.name, "domain": r.domain, "arm": r.arm, "seed": r.seed,
-                  "point": r.point, "kind": r.kind, "dir": str(r.run_dir), "needs": r.needs}
+                  "point": r.point, "kind": r.kind, "needs": r.needs,
+                  "dir": str(r.run_dir.relative_to(root))}  # relative: the folder can move
                  for r in runs]})
 
 

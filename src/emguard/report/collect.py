@@ -85,8 +85,9 @@ def load_runs(study_dir: str | Path, name: str | None = None) -> tuple[dict, lis
     manifest = read_json(find_manifest(Path(study_dir), name))
     runs = []
     for r in manifest["runs"]:
+        run_dir = Path(r["dir"])  # relative to the study folder (absolute ones are kept)
         run = RunResult(r["name"], r["domain"], r["arm"], r["seed"], r["point"], r["kind"],
-                        Path(r["dir"]))
+                        run_dir if run_dir.is_absolute() else Path(study_dir) / run_dir)
         _read(run)
         runs.append(run)
     return manifest["study"], runs
