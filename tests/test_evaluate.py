@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -325,3 +327,31 @@ def test_judge_is_checked_before_generating_unless_all_is_judged(files):
     ok.check_error = "no key"
     _run(files, ok, samples=1, judge_free=False)  # everything judged: no key needed
     assert ok.checks == 2
+
+
+def test_reference_answers_are_shared_by_evaluations_of_one_base(files, tmp_path, monkeypatch):
+    """A study evaluates many adapters of one base: the base's greedy reference answers
+    are generated once (keyed on the base's files), and again when its weights change."""
+    from emguard import judge_free as jf
+
+    monkeypatch.setenv("EMGUARD_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = jf.reference_answers
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(jf, "reference_answers", counting)
+    first = _run(files, None, samples=1)
+    second = _run({**files, "out": tmp_path / "eval2", "adapter": None}, None, samples=1)
+    assert len(calls) == 1
+    ref1 = read_jsonl(files["out"] / "reference_answers.jsonl")
+    ref2 = read_jsonl(tmp_path / "eval2" / "reference_answers.jsonl")
+    assert [r["answer"] for r in ref1] == [r["answer"] for r in ref2]
+    assert first["judge_free"]["drift"]["kl_mean"] is not None
+    assert second["judge_free"]["drift"]["kl_mean"] == 0.0  # no adapter: nothing drifted
+    weights = next(Path(files["model"]).glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    _run({**files, "out": tmp_path / "eval3"}, None, samples=1)
+    assert len(calls) == 2  # the base changed on disk: generated again

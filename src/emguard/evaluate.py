@@ -332,22 +332,40 @@ def _preference_pairs(path: str | Path | None) -> list[dict]:
 
 def _reference_answers(out: Path, qs: QuestionSet, prompts: list, holder: _Model, spec: dict,
                        max_new_tokens: int, batch_size: int, progress: bool) -> list[str]:
-    """Greedy reference answers, cached in reference_answers.jsonl (keyed on base model,
-    prompts and length; the adapter plays no part)."""
+    """Greedy reference answers (the base model's: the adapter plays no part), cached in
+    reference_answers.jsonl and shared by every evaluation of the same base model, prompts,
+    length and device type through ``$EMGUARD_CACHE/reference_answers/`` (a study of many
+    runs generates them once)."""
     from emguard import judge_free as jf
+    from emguard.models import cache_dir, default_device, model_fingerprint
 
     key = _sha({"model": spec["model"], "prompts": prompts, "max_new_tokens": max_new_tokens})
     path = out / "reference_answers.jsonl"
-    if path.is_file():
-        cached = read_jsonl(path)
-        if len(cached) == len(prompts) and all(r.get("key") == key for r in cached):
-            return [r["answer"] for r in cached]
-    model, tok = holder.get()
-    answers = jf.reference_answers(model, tok, prompts, max_new_tokens, batch_size, progress)
+    cached = _cached_answers(path, key, len(prompts))
+    if cached is not None:
+        return cached
+    device = (holder.device or default_device()).split(":")[0]
+    shared = cache_dir() / "reference_answers" / f"{_sha({'model': model_fingerprint(spec['model']), 'prompts': prompts, 'max_new_tokens': max_new_tokens, 'device': device})}.jsonl"
+    answers = _cached_answers(shared, None, len(prompts))
+    if answers is None:
+        model, tok = holder.get()
+        answers = jf.reference_answers(model, tok, prompts, max_new_tokens, batch_size, progress)
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl_atomic(shared, [{"answer": a} for a in answers])
     ids = [(q.id, p) for q in qs.questions for p in range(len(q.paraphrases))]
     write_jsonl_atomic(path, [{"question_id": q, "paraphrase_index": p, "answer": a, "key": key}
                               for (q, p), a in zip(ids, answers, strict=True)])
     return answers
+
+
+def _cached_answers(path: Path, key: str | None, n: int) -> list[str] | None:
+    """The answers of a cache file if it holds ``n`` rows (with ``key``, when given)."""
+    if not path.is_file():
+        return None
+    rows = read_jsonl(path)
+    if len(rows) != n or (key is not None and any(r.get("key") != key for r in rows)):
+        return None
+    return [r["answer"] for r in rows]
 
 
 def judge_free_summary(full: dict) -> dict:

@@ -81,6 +81,24 @@ def resolve_model_source(spec: str) -> ModelSource:
     return ModelSource(spec, spec)  # hub id: transformers resolves it (cache or network)
 
 
+def model_fingerprint(spec: str) -> str:
+    """A short hash that changes when the weights behind a spec change: for local folders
+    and GGUF files their config and the names, sizes and modification times of the weight
+    files; for hub ids the id itself (a new upstream revision is not seen)."""
+    import hashlib
+
+    source = resolve_model_source(spec)
+    h = hashlib.sha256(source.path.encode())
+    root = Path(source.path)
+    if root.is_dir():
+        files = ([root / source.gguf_file] if source.gguf_file else
+                 sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".json", ".bin")))
+        for f in files:
+            stat = f.stat()
+            h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def materialised_gguf_dir(source: ModelSource) -> Path:
     """De-quantize a GGUF model once into a plain safetensors checkpoint; return its directory."""
     assert source.gguf_file is not None
