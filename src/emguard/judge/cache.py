@@ -65,10 +65,7 @@ class JudgeCache:
         except (OSError, sqlite3.Error) as e:
             raise self._error(f"cannot be opened ({e})") from None
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute(_SCHEMA)
-            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(verdicts)")}
+            columns = self._prepare()
         except sqlite3.Error as e:
             self._conn.close()
             raise self._error(f"is not a usable SQLite file ({e})", e) from None
@@ -76,6 +73,23 @@ class JudgeCache:
             self._conn.close()
             raise self._error(f"has a 'verdicts' table of another schema (no column(s) "
                               f"{', '.join(sorted(_COLUMNS - columns))})")
+
+    def _prepare(self) -> set[str]:
+        """Switch to WAL, create the table, return its columns. Two processes creating one
+        fresh file race for the switch to WAL, where SQLite answers "locked" at once instead
+        of calling the busy handler; retried (with backoff) until ``timeout_s`` has passed."""
+        deadline, delay = time.monotonic() + self.timeout_s, 0.01
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._conn.execute(_SCHEMA)
+                return {row[1] for row in self._conn.execute("PRAGMA table_info(verdicts)")}
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, 0.5)
 
     def _error(self, problem: str, cause: sqlite3.Error | None = None) -> JudgeError:
         """The ``JudgeError`` to raise: how to go on after a busy or a damaged file."""
