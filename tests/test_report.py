@@ -164,3 +164,10 @@ def test_report_command(study):
     assert (study / "r" / "report.html").is_file() and "report.html" in result.output
     bad = CliRunner().invoke(app, ["report", str(study / "nowhere")])
     assert bad.exit_code == 2 and "runs-NAME.json" in bad.output
+
+
+def test_stand_in_interleave_data_is_warned(study):
+    run_dir = next((study / "runs").iterdir())
+    (run_dir / "config.yaml").write_text(
+        "defenses:\n  interleave: {fraction: 0.05, source: 'builtin:safe-instruct'}\neval: {}\n")
+    assert any("stand-in, not WildGuardMix" in w for w in build_report(study).warnings)

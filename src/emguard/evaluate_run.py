@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emguard.config import ConfigError, EvalSettings, RunConfig, build_run_config, config_sha256
-from emguard.data.chat import parse_yaml, read_text_file
+from emguard.config import ConfigError, EvalSettings, RunConfig, config_sha256, load_run_config
 from emguard.data.split import HELDOUT_FILE, SPLIT_FILE
 from emguard.io import read_json, write_json_atomic
 
@@ -39,8 +38,7 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()) -> tuple[RunConfig,
                     if name == "summary.json" else "it is not an emguard run folder, or was "
                     "trained before runs recorded their split (retrain it)")
             raise RunNotReadyError(f"{run_dir}: no {name}: {what}")
-    raw = parse_yaml(read_text_file(run_dir / "config.yaml", ConfigError)) or {}
-    cfg = build_run_config(raw, list(overrides), str(run_dir / "config.yaml"))
+    cfg = load_run_config(run_dir / "config.yaml", list(overrides))
     return cfg, read_json(run_dir / "summary.json"), read_json(run_dir / SPLIT_FILE)
 
 
@@ -116,7 +114,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalS
             out_dir=run_dir / EVAL_DIR / "indomain",
             domain=indomain_domain(cfg, judging=str(judge).lower() != "none"),
             judge_prompts=s.indomain_judge_prompts, max_questions=s.indomain_max_questions,
-            **{**common, "judge_free": s.judge_free})
+            **common)
     if set(parts) >= {"general", "indomain"}:
         write_json_atomic(run_dir / EVAL_DIR / SETTINGS_FILE, settings_record(s))
     return results

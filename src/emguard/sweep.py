@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from emguard.config import ConfigError, dump_run_config
-from emguard.io import read_json, write_json_atomic, write_text_atomic
+from emguard.config import ConfigError
+from emguard.io import read_json, write_json_atomic
 from emguard.study import PlannedRun, StudyConfig, expand
 
 LOG_FILE = "sweep_log.jsonl"
@@ -85,9 +85,9 @@ def _judged_parts(run: PlannedRun) -> list[str]:
 
 def is_judged(run: PlannedRun) -> bool:
     """Evaluated, and every judged part has verdicts of the run's judge (or no judge)."""
-    name = judge_name(run)
-    if not is_evaluated(run) or name is None:
-        return is_evaluated(run)
+    name, evaluated = judge_name(run), is_evaluated(run)
+    if not evaluated or name is None:
+        return evaluated
     return all((m := _metrics(run, p)) is not None and m.get("judge") == name
                and m.get("llm_judge") is not None for p in _judged_parts(run))
 
@@ -106,11 +106,10 @@ def missing_inputs(run: PlannedRun) -> list[str]:
     if inter is not None and (local := _local_path(inter.source.removeprefix("wildguardmix:"))):
         if not Path(local).exists():
             problems.append(f"defenses.interleave.source: {local} not found")
-    for label, spec in (("model", run.config.model),):
-        try:
-            resolve_model_source(spec)
-        except ModelLoadError as e:
-            problems.append(f"{label}: {e}")
+    try:
+        resolve_model_source(run.config.model)
+    except ModelLoadError as e:
+        problems.append(f"model: {e}")
     s = run.config.defenses.safelora
     if s is not None:
         for field, spec in (("aligned", s.aligned), ("unaligned", s.unaligned)):
@@ -131,15 +130,11 @@ def _local_path(spec: str | None) -> str | None:
     if spec.startswith(("builtin:", "hf:", "opswap:")) or spec == "foqa":
         return None
     if spec.startswith("foqa:"):
-        source = spec[5:]
-        return source if ("/" not in source or Path(source).suffix or source.startswith((".", "/"))) \
-            and not _looks_like_hub_id(source) else None
+        from emguard.data.foqa import is_hub_id
+
+        source = spec[len("foqa:"):]
+        return None if is_hub_id(source) else source
     return spec
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).exists() \
-        and not Path(text).suffix
 
 
 def status(run: PlannedRun) -> RunStatus:
@@ -148,7 +143,9 @@ def status(run: PlannedRun) -> RunStatus:
     if is_evaluated(run):
         return RunStatus(run.name, "evaluated", "not judged yet")
     if is_trained(run):
-        stale = (run.run_dir / "eval" / "settings.json").is_file()
+        from emguard.evaluate_run import EVAL_DIR, SETTINGS_FILE
+
+        stale = (run.run_dir / EVAL_DIR / SETTINGS_FILE).is_file()
         return RunStatus(run.name, "trained", "evaluated with other eval settings; --reevaluate "
                          "replaces that evaluation" if stale else "evaluation pending")
     if (run.run_dir / "config.yaml").is_file():
@@ -243,30 +240,19 @@ def project_source(run: PlannedRun) -> None:
     summary names the source run."""
     import shutil
 
-    from emguard.config import config_sha256
+    from emguard.data.split import HELDOUT_FILE, SPLIT_FILE
     from emguard.defenses.safelora import apply_safelora
-    from emguard.ownership import (
-        RUN,
-        check_writable_target,
-        folder_lock,
-        folder_state,
-        write_marker,
-    )
+    from emguard.ownership import check_writable_target, folder_lock
+    from emguard.train import claim_run_dir
 
     source, s, out = run.source_dir, run.config.defenses.safelora, run.run_dir
     with folder_lock(out):
         if (out / "summary.json").is_file():
             return
         check_writable_target(out)
-        if folder_state(out, RUN) == "foreign":
-            from emguard.ownership import refuse_foreign
-
-            refuse_foreign(out, RUN, "this SafeLoRA run")
-        out.mkdir(parents=True, exist_ok=True)
-        write_marker(out, RUN, config_sha256=config_sha256(run.config))
-        write_text_atomic(out / "config.yaml", dump_run_config(run.config))
+        claim_run_dir(out, run.config, force=False)
         for f in sorted(source.iterdir()):
-            if f.name == "data_split.json" or f.name == "heldout.jsonl" or f.name.endswith(".test.jsonl"):
+            if f.name in (SPLIT_FILE, HELDOUT_FILE) or f.name.endswith(".test.jsonl"):
                 shutil.copyfile(f, out / f".{f.name}.tmp")
                 os.replace(out / f".{f.name}.tmp", out / f.name)
         report = apply_safelora(source / "adapter", out / "adapter_safelora",
@@ -363,13 +349,13 @@ def run_sweep(study: StudyConfig, executor: str = "sequential", address: str | N
     ``on_event(name, state, k, n)`` is called as the k-th of n runs ends (progress)."""
     import fnmatch
 
-    runs = expand(study)
-    selected = [r for r in runs if only is None or fnmatch.fnmatch(r.name, only)]
+    every = expand(study)
+    selected = [r for r in every if only is None or fnmatch.fnmatch(r.name, only)]
     wanted = {n for r in selected for n in [r.name, *r.needs]}
-    runs = [r for r in runs if r.name in wanted]
+    runs = [r for r in every if r.name in wanted]
     root = Path(study.output_dir)
     check_before_start(study, runs, judge)
-    write_manifest(study, expand(study))
+    write_manifest(study, every)
     log = SweepLog(root / LOG_FILE)
     log.write("sweep-start", executor=executor, runs=len(runs))
     counter = {"n": 0}

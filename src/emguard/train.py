@@ -361,7 +361,7 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
     model.train()
     model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                         use_rslora=cfg.lora.use_rslora, targets=cfg.lora.targets)
-    claimed = _claim_run_dir(run_dir, cfg, force) if main else "resume"
+    claimed = claim_run_dir(run_dir, cfg, force) if main else "resume"
     if main:
         write_split(run_dir, split)
         write_json_atomic(run_dir / "data_report.json", data_report)
@@ -413,7 +413,7 @@ def record_untrained(cfg: RunConfig | str | Path, overrides: list[str] = ()) -> 
             return TrainResult(run_dir, read_json(run_dir / "summary.json"), skipped=True)
         check_writable_target(run_dir)
         split = make_split(cfg)
-        _claim_run_dir(run_dir, cfg, force=False)
+        claim_run_dir(run_dir, cfg, force=False)
         write_split(run_dir, split)
         summary = {"model": cfg.model, "trained": False, "train_rows": 0, "steps": 0,
                    "defenses": [], "adapter": None}
@@ -477,7 +477,7 @@ def _run_state(run_dir: Path, cfg: RunConfig, force: bool, check: bool = True) -
     return "replace"
 
 
-def _claim_run_dir(run_dir: Path, cfg: RunConfig, force: bool) -> str:
+def claim_run_dir(run_dir: Path, cfg: RunConfig, force: bool) -> str:
     """Make ``run_dir`` this run's folder (marker, config.yaml, provenance.json); return
     its state before ("new", "resume" or "replace").
 

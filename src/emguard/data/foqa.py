@@ -41,9 +41,17 @@ def load_foqa(source: str | Path = FOQA_HUB_ID, split: str = "test") -> list[dic
         path = _split_file(path, split)
     if path.is_file():
         return _validate(_read_file(path), str(path))
-    if path.suffix in SUFFIXES or not _HUB_ID.match(str(source)):
+    if not is_hub_id(source):
         raise FoQADataError(f"{source}: no such file or directory")
     return _load_hub(str(source), split)
+
+
+def is_hub_id(source: str | Path) -> bool:
+    """True when ``load_foqa`` reads ``source`` from the hub: not an existing path, no data
+    file suffix, and shaped ``org/name`` (``data/foqa`` is a hub id, ``./data/foqa`` a path)."""
+    path = Path(source)
+    return (not path.exists() and path.suffix not in SUFFIXES
+            and _HUB_ID.match(str(source)) is not None)
 
 
 def foqa_prompt(context: str, question: str) -> str:

@@ -23,12 +23,11 @@ import yaml
 
 from emguard.io import provenance, write_text_atomic
 from emguard.report import figures
-from emguard.report.collect import FREE_MEASURES, load_runs, warnings_of
+from emguard.report.collect import FREE_MEASURES, has_judge, load_runs, warnings_of
 from emguard.report.render import csv_rows, markdown, page, write_csv
 from emguard.report.tables import (
     Table,
     estimates,
-    has_judge,
     judge_free_table,
     main_tables,
     task_table,

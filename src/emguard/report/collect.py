@@ -154,19 +154,23 @@ def tasks_of(runs: list[RunResult]) -> list[str]:
     return sorted({t for r in runs for t in ((r.metrics.get("general") or {}).get("tasks") or {})})
 
 
+def has_judge(runs: list[RunResult]) -> bool:
+    """True when any run holds LLM-judge verdicts."""
+    return any((m or {}).get("llm_judge") for r in runs for m in r.metrics.values())
+
+
 def warnings_of(study: dict, runs: list[RunResult]) -> list[str]:
     """Things a reader must know: stand-in data, runs without results, no judge."""
     out = []
-    sources = {((r.config or {}).get("defenses") or {}).get("interleave", {}) and
-               r.config["defenses"]["interleave"]["source"] for r in runs if r.config}
-    if any(isinstance(s, str) and s.startswith("builtin:") for s in sources):
+    interleaved = [((r.config or {}).get("defenses") or {}).get("interleave") or {} for r in runs]
+    if any(str(i.get("source", "")).startswith("builtin:") for i in interleaved):
         out.append("interleaving used the built-in safe-instruct stand-in, not WildGuardMix "
                    "(the paper's source)")
     missing = [r.name for r in runs if not r.metrics]
     if missing:
         out.append(f"{len(missing)} run(s) have no results yet: {', '.join(missing[:8])}"
                    + (" ..." if len(missing) > 8 else ""))
-    judged = any((m or {}).get("llm_judge") for r in runs for m in r.metrics.values())
+    judged = has_judge(runs)
     overall = [m["llm_judge"]["overall"] for r in runs for m in r.metrics.values()
                if (m or {}).get("llm_judge") and m["llm_judge"].get("overall")]
     n_missing = sum(o.get("n_missing", 0) for o in overall)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from emguard.report.collect import FREE_MEASURES, JUDGE_MEASURES, RunResult, measure, tasks_of
+from emguard.report.collect import FREE_MEASURES, RunResult, measure, tasks_of
 from emguard.report.stats import (
     EMPTY,
     Estimate,
@@ -190,11 +190,3 @@ def judge_free_table(runs: list[RunResult]) -> Table | None:
               "held-out NLL and bandit: the run's held-out in-domain set. Intervals: bootstrap "
               "over answers / pairs / completions; held-out NLL has none (no per-row values).")
     return t
-
-
-def has_judge(runs: list[RunResult]) -> bool:
-    return any((m or {}).get("llm_judge") for r in runs for m in r.metrics.values())
-
-
-def judge_measures() -> list[str]:
-    return list(JUDGE_MEASURES)
