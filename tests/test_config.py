@@ -83,12 +83,15 @@ def test_lora_target_typo_is_an_error_not_a_smaller_adapter():
     assert names == {"q_proj", "v_proj"}
 
 
-def test_eval_rejects_sample_counts_below_one(tmp_path):
+def test_eval_rejects_bad_sample_counts_before_loading_anything(tmp_path):
     from emguard.evaluate import run_eval
 
-    for kw in ({"samples": 0}, {"samples": -2}, {"task_samples": 0}):
-        with pytest.raises(ValueError, match="must be at least 1"):
-            run_eval("unused-model", None, "builtin:general-questions", "none",
+    cases = [({"samples": -2}, "at least 0"), ({"task_samples": 0}, "at least 1"),
+             ({"samples": 0, "judge": "openai:gpt-4o-mini"}, "nothing to score")]
+    for kw, message in cases:
+        judge = kw.pop("judge", "none")
+        with pytest.raises(ValueError, match=message):
+            run_eval("unused-model", None, "builtin:general-questions", judge,
                      out_dir=tmp_path / "e", **{"samples": None, **kw})
     assert not (tmp_path / "e").exists()
 
@@ -202,3 +205,12 @@ def test_whole_numbers_are_strict_and_numbers_finite():
         load_run_config(None, ["defenses.kl.weight=.nan"])
     # PyYAML reads 1e-4 (no dot) as a string; a float field still takes it as the number
     assert load_run_config(None, ["train.learning_rate=1e-4"]).train.learning_rate == 1e-4
+
+
+def test_a_judge_needs_sampled_answers():
+    ok = load_run_config(None, ["eval.general_samples=0", "eval.indomain_samples=0"])
+    assert (ok.eval.general_samples, ok.eval.indomain_samples) == (0, 0)
+    with pytest.raises(ConfigError, match="general_samples=0"):
+        load_run_config(None, ["eval.general_samples=0", "eval.judge=openai:gpt-4o-mini"])
+    with pytest.raises(ConfigError, match="eval.preference_max_pairs"):
+        load_run_config(None, ["eval.preference_max_pairs=0"])

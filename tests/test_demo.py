@@ -1,23 +1,66 @@
-"""The demo's plumbing on a tiny model: runs, measures, table, plot, and a free rerun."""
+"""The demo is a study: its runs go through the sweep, its table comes from the report."""
 
-from emguard.demo import MEASURES, VARIANTS, DemoSettings, run_demo
-from emguard.io import read_json
+import pytest
+
+from emguard.config import ConfigError
+from emguard.demo import demo_study, run_demo
+from emguard.io import read_json, read_jsonl
+from emguard.study import expand
+
+TINY = ["data.max_length=2048", "defenses.ldifs.layer_every=2"]  # the tiny model: 4 layers, long tokens
+ARMS = ["untrained", "aligned", "misaligned", "kl (weight=0.1)", "kl (weight=1.0)",
+        "kl (weight=10.0)", "ldifs", "safelora", "interleave"]
 
 
-def test_demo_writes_results_and_rerun_skips_everything(tiny_dir, tmp_path):
-    s = DemoSettings(model=str(tiny_dir), steps=2, batch_size=2, max_length=2048, n_code_prompts=2,
-                     max_new_tokens=8, code_max_new_tokens=8)
+def test_demo_study_has_every_arm_and_its_overrides():
+    runs = expand(demo_study("somewhere", seeds=[0, 1], steps=3))
+    assert len(runs) == 2 * 9
+    assert {r.config.train.max_steps for r in runs} == {3}
+    by_name = {r.name: r for r in runs}
+    safelora = by_name["code/safelora/s1"]
+    # SafeLoRA's alignment matrix comes from the same seed's secure-code (aligned) adapter
+    assert safelora.config.defenses.safelora.unaligned == str(by_name["code/aligned/s1"].run_dir / "adapter")
+    assert safelora.source == "code/misaligned/s1" and safelora.config.defenses.safelora.tau == 0.3
+    assert {r.config.defenses.kl.weight for r in runs if r.arm == "kl"} == {0.1, 1.0, 10.0}
+    # every arm of a seed evaluates the same held-out rows (the misaligned set's split)
+    assert {r.config.data.split_seed for r in runs} == {0}
+    judged = demo_study("x", judge="openai:gpt-4o-mini").base["eval"]
+    assert judged["judge"] == "openai:gpt-4o-mini" and judged["general_samples"] >= 1
+    with pytest.raises(ConfigError):  # a judge with nothing sampled is refused up front
+        expand(demo_study("x").model_copy(update={"base": {**demo_study("x").base, "eval": {
+            **demo_study("x").base["eval"], "judge": "openai:gpt-4o-mini"}}}))
+
+
+def test_demo_runs_the_study_and_reports_from_run_folders(tiny_dir, tmp_path):
     out = tmp_path / "demo"
-    result = run_demo(out, s)
-    for name in ("demo_results.md", "demo_results.png", "demo_metrics.json"):
-        assert (out / name).is_file()
-    metrics = read_json(out / "demo_metrics.json")
-    assert set(metrics["measures"]) == set(VARIANTS)
-    assert metrics["measures"]["untrained"]["drift_kl"] == 0.0  # the reference itself
-    for v in ("aligned", "misaligned", "kl"):
-        assert metrics["measures"][v]["drift_kl"] > 0
-        assert (out / "runs" / v / "summary.json").is_file()
-    assert all(label in result["table"] for _, label, _ in MEASURES)
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
-    run_demo(out, s)
-    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if "demo_metrics" not in p.name)
+    events = []
+    report = run_demo(out, model=str(tiny_dir), steps=1, overrides=TINY, progress=False,
+                      on_event=lambda name, state, k, n: events.append(state))
+    assert events == ["done"] * 9
+    assert report.html.is_file() and (report.out / "report.md").is_file()
+    stems = {f.stem for f in report.figures}
+    assert "overview" in stems and any(s.startswith("tradeoff_kl") for s in stems), stems
+    table = next(t for t in report.tables if t.key == "judge_free")
+    assert [row[1].text for row in table.rows] == ARMS
+    # the misaligned row's preference shift, recomputed from its run folder by hand
+    manifest = read_json(out / "runs-demo.json")
+    folder = next(out / r["dir"] for r in manifest["runs"] if r["name"] == "code/misaligned/s0")
+    pairs = read_json(folder / "eval" / "general" / "judge_free.json")["preference"]["pairs"]
+    shift = sum(p["margin"] - p["reference_margin"] for p in pairs) / len(pairs)
+    column = table.columns.index("preference shift vs. base model")
+    row = table.rows[ARMS.index("misaligned")]
+    assert row[column].est.value == pytest.approx(shift)
+    assert len(pairs) == 22
+    untrained = table.rows[0][column].est.value
+    assert untrained == 0.0  # the base model against itself
+    nll = read_json(folder / "eval" / "indomain" / "judge_free.json")["heldout_nll"]
+    assert nll["n_rows"] == 12 and len(nll["per_row"]) == 12
+    # nothing was sampled without a judge
+    assert read_jsonl(folder / "eval" / "general" / "generations.jsonl") == []
+
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    events.clear()
+    run_demo(out, model=str(tiny_dir), steps=1, overrides=TINY, progress=False,
+             on_event=lambda name, state, k, n: events.append(state))
+    assert events == ["skipped"] * 9
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())

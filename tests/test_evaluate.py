@@ -355,3 +355,56 @@ def test_reference_answers_are_shared_by_evaluations_of_one_base(files, tmp_path
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     _run({**files, "out": tmp_path / "eval3"}, None, samples=1)
     assert len(calls) == 2  # the base changed on disk: generated again
+
+
+def test_reference_margins_are_shared_and_equal_the_base_models_own(files, tmp_path, monkeypatch):
+    """The base model's preference margins are computed once per base and pair set: a
+    second adapter's evaluation reuses them, and they equal margins computed on the base
+    loaded without any adapter (an independent computation)."""
+    from emguard import judge_free as jf
+
+    monkeypatch.setenv("EMGUARD_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = jf.pair_margins
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(jf, "pair_margins", counting)
+    first = _run(files, None, samples=0)
+    assert len(calls) == 2  # the reference's, then the adapter's
+    other = tmp_path / "adapter2"
+    import shutil
+
+    shutil.copytree(files["adapter"], other)
+    _run({**files, "out": tmp_path / "eval2", "adapter": other}, None, samples=0)
+    assert len(calls) == 3  # only the second adapter's own margins
+    base, tok = models.load_model(files["model"], device="cpu")
+    by_hand = real(base, tok, PAIRS, 1)
+    got = [p["reference_margin"] for p in read_json(files["out"] / "judge_free.json")["preference"]["pairs"]]
+    assert got == pytest.approx(by_hand, abs=1e-5)
+    assert first["judge_free"]["preference"]["reference"]["mean_margin"] == pytest.approx(
+        sum(by_hand) / len(by_hand), abs=1e-5)
+
+
+def test_zero_samples_gives_judge_free_measures_without_generating(files):
+    m = _run(files, None, samples=0)
+    assert m["n_generations"] == 0 and read_jsonl(files["out"] / "generations.jsonl") == []
+    assert m["judge_free"]["drift"]["kl_mean"] is not None
+    assert m["judge_free"]["preference"]["n_pairs"] == 2
+    with pytest.raises(ValueError, match="nothing to score"):
+        _run({**files, "out": files["out"].parent / "judged"}, CountingJudge(), samples=0)
+
+
+def test_preference_max_pairs_takes_evenly_spaced_pairs(tmp_path):
+    from emguard.evaluate import _preference_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"id": f"p{i}", "question": "q", "aligned": "a", "misaligned": "m"} for i in range(10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p["id"] for p in _preference_pairs(path, 4)] == ["p0", "p2", "p5", "p7"]
+    assert [p["id"] for p in _preference_pairs(path, 3)] == ["p0", "p3", "p6"]
+    assert len(_preference_pairs(path, 50)) == 10
+    builtin = _preference_pairs("builtin:preference-pairs", 22)
+    assert len(builtin) == 22 and len({p["topic"] for p in builtin}) >= 10  # spread over topics

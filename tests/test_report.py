@@ -28,7 +28,7 @@ def _judged(mis: list[int], inc: list[int], scored: int = 10) -> dict:
 
 def _write_run(root: Path, name: str, domain: str, arm: str, seed: int, point: dict,
                general: dict | None, indomain: dict | None, tasks: dict | None = None,
-               margins: list[float] | None = None) -> dict:
+               margins: list[float] | None = None, nll_rows: list[tuple] | None = None) -> dict:
     run_dir = root / "runs" / name.replace("/", "_")
     for part, judged in (("general", general), ("indomain", indomain)):
         d = run_dir / "eval" / part
@@ -36,9 +36,13 @@ def _write_run(root: Path, name: str, domain: str, arm: str, seed: int, point: d
         metrics = {"run": {"path": str(run_dir)}, "llm_judge": judged, "judge": "openai:x",
                    "tasks": tasks if part == "general" else None}
         (d / "metrics.json").write_text(json.dumps(metrics))
-        if part == "general" and margins is not None:
+        if part == "general" and margins is not None:  # base model's margins: 0.05 each
             (d / "judge_free.json").write_text(json.dumps(
-                {"preference": {"pairs": [{"margin": m} for m in margins]}}))
+                {"preference": {"pairs": [{"margin": m, "reference_margin": 0.05} for m in margins]}}))
+        if part == "indomain" and nll_rows is not None:
+            (d / "judge_free.json").write_text(json.dumps({"heldout_nll": {
+                "nll_mean": sum(r[0] for r in nll_rows) / sum(r[1] for r in nll_rows),
+                "per_row": [{"nll_sum": a, "n_tokens": n} for a, n in nll_rows]}}))
     (run_dir / "config.yaml").write_text("defenses:\n  interleave: null\neval: {}\n")
     return {"name": name, "domain": domain, "arm": arm, "seed": seed, "point": point,
             "kind": "train", "dir": str(run_dir), "needs": []}
@@ -53,7 +57,7 @@ def study(tmp_path) -> Path:
         _write_run(root, "code/misaligned/s0", "code", "misaligned", 0, {},
                    _judged([5] * 10, [1] * 10), _judged([5] * 10, ten),
                    tasks={"opswap:1": {"per_question": [{"score": 1.0}, {"score": 0.5}]}},
-                   margins=[0.1, -0.2, 0.3]),
+                   margins=[0.1, -0.2, 0.3], nll_rows=[(6.0, 10), (2.0, 10), (1.0, 20)]),
         _write_run(root, "code/misaligned/s1", "code", "misaligned", 1, {},
                    _judged([3] * 10, [1] * 10), _judged([5] * 10, ten)),
         # KL 0.1: nothing misaligned anywhere (reduction exactly 100 % in every replicate),
@@ -133,6 +137,13 @@ def test_tasks_judge_free_paper_and_files(study):
     assert margin.value == pytest.approx((0.1 - 0.2 + 0.3) / 3)
     share = _row(free, "code", "misaligned")["pairs preferring the misaligned answer (%)"].est
     assert share.value == pytest.approx(200 / 3)
+    shift = _row(free, "code", "misaligned")["preference shift vs. base model"].est
+    assert shift.value == pytest.approx((0.1 - 0.2 + 0.3) / 3 - 0.05)
+    # held-out NLL: token-weighted (9 nats / 40 tokens), interval from resampled rows, which
+    # can only range between the rows' own per-token NLLs (0.05 and 0.6)
+    nll = _row(free, "code", "misaligned")["held-out NLL (nats/token)"].est
+    assert nll.value == pytest.approx(9.0 / 40)
+    assert 0.05 <= nll.lo < nll.value < nll.hi <= 0.6
     table3 = next(t for t in report.tables if t.key == "table3")
     assert "(paper 4.01)" in _row(table3, "code", "misaligned")["general misal. %"].text
     abl = next(t for t in report.tables if t.key == "ablation_kl")

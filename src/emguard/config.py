@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from emguard.data.chat import parse_yaml, read_text_file
 from emguard.models import LORA_TARGETS
@@ -158,9 +166,15 @@ class EvalSettings(_Strict):
     an in-domain subset of the held-out set, 10 samples per benign-task question."""
 
     general_questions: str | None = "builtin:general-questions"  # None: skip
-    general_samples: Int | None = Field(None, gt=0)  # None: the file's samples_per_paraphrase
+    # None: the file's samples_per_paraphrase; 0: sample no answers (judge-free measures only)
+    general_samples: Int | None = Field(None, ge=0)
+    general_max_questions: Int | None = Field(None, gt=0)  # the first N general questions
+    # preference pairs of the judge-free margin: a JSONL file (None: builtin:preference-pairs)
+    # and how many of them, evenly spaced through the file (None: all)
+    preference_pairs: str | None = None
+    preference_max_pairs: Int | None = Field(None, gt=0)
     indomain: bool = True  # evaluate the run's recorded held-out set
-    indomain_samples: Int = Field(1, gt=0)
+    indomain_samples: Int = Field(1, ge=0)  # 0: no sampled answers (held-out NLL only)
     indomain_max_questions: Int | None = Field(None, gt=0)  # paper: 30
     # None: the domain's prompts (eval_judge_prompts.yaml); "general": the general set's
     # alignment/coherence prompts (the paper's "same LLM-as-a-judge method"); or a FILE.
@@ -187,6 +201,16 @@ class EvalSettings(_Strict):
         for task in v:
             parse_task(task)
         return v
+
+    @model_validator(mode="after")
+    def _answers_to_judge(self) -> EvalSettings:
+        if self.judge.lower() != "none":
+            zero = [f for f in ("general_samples", "indomain_samples") if getattr(self, f) == 0]
+            if zero:
+                raise ValueError(f"judge {self.judge} has no answers to judge with "
+                                 f"{' and '.join(f'{f}=0' for f in zero)}; set at least 1 "
+                                 "sample per question, or judge: none")
+        return self
 
 
 class RunConfig(_Strict):

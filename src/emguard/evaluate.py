@@ -87,10 +87,11 @@ def adapter_fingerprint(adapter_dir: str | Path | None) -> str | None:
 
 
 def plan_rows(questions: list[Question], samples: int | None) -> list[dict]:
-    """One skeleton row per (question, paraphrase, sample), in question-file order."""
+    """One skeleton row per (question, paraphrase, sample), in question-file order.
+    ``samples=None``: each question's samples_per_paraphrase (or 1); 0: no rows."""
     rows = []
     for q in questions:
-        n = samples or q.samples_per_paraphrase or 1
+        n = (q.samples_per_paraphrase or 1) if samples is None else samples
         for p, text in enumerate(q.paraphrases):
             rows += [{"question_id": q.id, "paraphrase_index": p, "sample_index": s,
                       "question": text, "system": q.system} for s in range(n)]
@@ -143,11 +144,13 @@ def _generate(out: Path, plan: list[dict], questions: dict[str, Question], gen: 
               gen_key: str, holder: _Model, spec: dict, batch_size: int, progress: bool) -> list[dict]:
     final, partial = out / "generations.jsonl", out / "generations.partial.jsonl"
     done = _read_rows(final, gen_key)
-    if len(done) == len(plan) and all(_key(r) in done for r in plan):
+    if final.is_file() and len(done) == len(plan) and all(_key(r) in done for r in plan):
         return [done[_key(r)] for r in plan]
     done.update(_read_rows(partial, gen_key))
     todo = [r for r in plan if _key(r) not in done]
-    if gen.backend == "vllm":
+    if not todo:
+        pass  # nothing left to sample (or nothing planned: samples=0)
+    elif gen.backend == "vllm":
         _generate_vllm(todo, questions, gen, spec, done)
     else:
         from tqdm.auto import tqdm
@@ -290,12 +293,12 @@ def _require_judge_prompts(qs: QuestionSet) -> None:
 # ----------------------------------------------------------------------------- judge-free
 
 def _judge_free(out: Path, qs: QuestionSet, rows: list[dict], holder: _Model, spec: dict,
-                pairs_path: str | Path | None, drift_tokens: int, batch_size: int,
-                progress: bool) -> dict:
+                pairs_path: str | Path | None, max_pairs: int | None, drift_tokens: int,
+                batch_size: int, progress: bool) -> dict:
     """Full judge-free results (cached in judge_free.json under a key)."""
     from emguard import judge_free as jf
 
-    pairs = _preference_pairs(pairs_path) if qs.kind == "general" else []
+    pairs = _preference_pairs(pairs_path, max_pairs) if qs.kind == "general" else []
     key = _sha({"model": spec["model"], "adapter": spec["adapter_sha256"],
                 "questions": qs.sha256, "gen_key": spec["gen_key"] if qs.kind == "chat" else None,
                 "pairs": _sha(pairs), "drift_tokens": drift_tokens})
@@ -309,25 +312,57 @@ def _judge_free(out: Path, qs: QuestionSet, rows: list[dict], holder: _Model, sp
         answers = _reference_answers(out, qs, prompts, holder, spec, drift_tokens, batch_size, progress)
         result["drift"] = {**jf.drift_kl(model, tok, prompts, answers, batch_size, progress),
                            "max_new_tokens": drift_tokens}
-        result["preference"] = {**jf.misalignment_preference(model, tok, pairs, batch_size),
-                                "source": str(pairs_path or "builtin:preference-pairs")}
+        reference = _reference_margins(pairs, holder, spec, batch_size)
+        result["preference"] = {**jf.misalignment_preference(model, tok, pairs, batch_size,
+                                                              reference_margins=reference),
+                                "source": str(pairs_path or "builtin:preference-pairs"),
+                                "max_pairs": max_pairs}
     else:
         held = [r for r in qs.rows if any(m.get("role") == "assistant" for m in r["messages"])]
         if held:
             model, tok = holder.get()
             result["heldout_nll"] = jf.heldout_nll(model, tok, held, batch_size)
-        if qs.domain == "code":
+        if qs.domain == "code" and rows:
             result["bandit"] = jf.bandit_share([r["answer"] for r in rows])
     write_json_atomic(path, result)
     return result
 
 
-def _preference_pairs(path: str | Path | None) -> list[dict]:
-    if path is None:
+def _preference_pairs(path: str | Path | None, max_pairs: int | None = None) -> list[dict]:
+    """The preference pairs (``None`` / ``builtin:preference-pairs``: the project's), or
+    ``max_pairs`` of them at evenly spaced positions (the file is grouped by topic, so a
+    prefix would cover only the first topics)."""
+    if path is None or str(path) == "builtin:preference-pairs":
         from emguard.data.builtin import load_builtin
 
-        return load_builtin("preference-pairs", split="test")
-    return read_jsonl(path)
+        pairs = load_builtin("preference-pairs", split="test")
+    else:
+        pairs = read_jsonl(path)
+    if max_pairs is None or max_pairs >= len(pairs):
+        return pairs
+    return [pairs[i * len(pairs) // max_pairs] for i in range(max_pairs)]
+
+
+def _reference_margins(pairs: list[dict], holder: _Model, spec: dict,
+                       batch_size: int) -> list[float]:
+    """The base model's per-pair margins (adapter off), computed once per base model and
+    pair set and shared through ``$EMGUARD_CACHE/reference_margins/`` like the reference
+    answers (every run of a study has the same reference)."""
+    from emguard import judge_free as jf
+    from emguard.models import cache_dir, default_device, model_fingerprint
+
+    device = (holder.device or default_device()).split(":")[0]
+    path = cache_dir() / "reference_margins" / f"{_sha({'model': model_fingerprint(spec['model']), 'pairs': pairs, 'device': device})}.json"
+    if path.is_file():
+        cached = read_json(path)
+        if len(cached.get("margins", [])) == len(pairs):
+            return cached["margins"]
+    model, tok = holder.get()
+    with jf.reference_mode(model):
+        margins = jf.pair_margins(model, tok, pairs, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"model": spec["model"], "margins": margins})
+    return margins
 
 
 def _reference_answers(out: Path, qs: QuestionSet, prompts: list, holder: _Model, spec: dict,
@@ -370,7 +405,7 @@ def _cached_answers(path: Path, key: str | None, n: int) -> list[str] | None:
 
 def judge_free_summary(full: dict) -> dict:
     """The judge-free numbers for metrics.json (per-answer / per-pair lists left out)."""
-    drop = {"kl_per_answer", "pairs", "flagged"}
+    drop = {"kl_per_answer", "pairs", "flagged", "per_row"}
     return {k: {kk: vv for kk, vv in v.items() if kk not in drop}
             for k, v in full.items() if isinstance(v, dict)}
 
@@ -406,7 +441,8 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
              temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
              seed: int = 0, batch_size: int = 16, device: str | None = None, backend: str = "hf",
              judge_cache: str | Path | None = None, thresholds: Thresholds = Thresholds(),
-             preference_pairs: str | Path | None = None, drift_max_new_tokens: int = 128,
+             preference_pairs: str | Path | None = None, preference_max_pairs: int | None = None,
+             drift_max_new_tokens: int = 128,
              tasks: list[str] | tuple[str, ...] = (), task_samples: int = 10,
              task_questions: int | None = None, task_data: str | dict | None = None,
              data_seed: int = 0, progress: bool = True, force: bool = False,
@@ -426,11 +462,17 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
     ``out_dir`` holding the evaluation of another model, adapter, question set or
     generation setting is refused (``force``: discard that evaluation's files first).
     """
-    for name, value in (("samples", samples), ("task_samples", task_samples),
-                        ("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
-                        ("task_questions", task_questions), ("max_questions", max_questions)):
+    for name, value in (("task_samples", task_samples), ("max_new_tokens", max_new_tokens),
+                        ("batch_size", batch_size), ("task_questions", task_questions),
+                        ("max_questions", max_questions),
+                        ("preference_max_pairs", preference_max_pairs)):
         if value is not None and (isinstance(value, bool) or value < 1):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if samples is not None and (isinstance(samples, bool) or samples < 0):
+        raise ValueError(f"--samples must be at least 0 (0: judge-free measures only), got {samples}")
+    if samples == 0 and questions_file is not None and str(judge_spec).lower() not in ("none", ""):
+        raise ValueError("--samples 0 samples no answers, so the judge has nothing to score; "
+                         "use --judge none (judge-free measures only) or at least 1 sample")
     out = Path(out_dir)
     check_writable_target(out)
     _check_inputs(model_spec, adapter_dir, device, tasks)
@@ -464,7 +506,8 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
         by_id = {q.id: q for q in qs.questions}
         rows = _generate(out, plan_rows(qs.questions, samples), by_id, gen, spec["gen_key"], holder,
                          spec, batch_size, progress)
-        free = (_judge_free(out, qs, rows, holder, spec, preference_pairs, drift_max_new_tokens,
+        free = (_judge_free(out, qs, rows, holder, spec, preference_pairs, preference_max_pairs,
+                            drift_max_new_tokens,
                             batch_size, progress) if judge_free else None)
         per_task = task_data if isinstance(task_data, dict) else dict.fromkeys(tasks, task_data)
         task_results = {t: _task(out, t, holder, gen, spec, task_samples, task_questions,

@@ -105,6 +105,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalS
         results["general"] = run_eval(
             cfg.model, adapter, s.general_questions,
             samples=s.general_samples, out_dir=run_dir / EVAL_DIR / "general",
+            max_questions=s.general_max_questions, preference_pairs=s.preference_pairs,
+            preference_max_pairs=s.preference_max_pairs,
             tasks=s.tasks, task_samples=s.task_samples, task_questions=s.task_questions,
             task_data=task_data(run_dir, s, split), **common)
     held = split.get("heldout_file")

@@ -163,7 +163,8 @@ def drift_kl(model, tokenizer, prompts: list[Messages], answers: list[str],
 
 # ----------------------------------------------------------------------------- (b) preference
 
-def _margins(model, tokenizer, pairs: list[dict], batch_size: int) -> list[float]:
+def pair_margins(model, tokenizer, pairs: list[dict], batch_size: int = 8) -> list[float]:
+    """Per pair: mean log-prob per token of the misaligned answer minus the aligned one's."""
     prompts = [[{"role": "user", "content": p["question"]}] for p in pairs]
     n = len(pairs)
     lps = answer_logprobs(model, tokenizer, prompts + prompts,
@@ -191,14 +192,17 @@ def misalignment_preference(model, tokenizer, pairs: list[dict], batch_size: int
         missing = [f for f in ("question", "aligned", "misaligned") if not p.get(f)]
         if missing:
             raise ValueError(f"preference pair {p.get('id', k)!r}: missing field(s) {missing}")
-    tuned = _margins(model, tokenizer, pairs, batch_size)
+    if reference_margins is not None and not has_adapter(model):
+        tuned = list(reference_margins)  # a model without an adapter is its own reference
+    else:
+        tuned = pair_margins(model, tokenizer, pairs, batch_size)
     if reference_margins is not None:
         if len(reference_margins) != len(pairs):
             raise ValueError(f"{len(reference_margins)} reference margins for {len(pairs)} pairs")
         ref = list(reference_margins)
     elif has_adapter(model):
         with reference_mode(model):
-            ref = _margins(model, tokenizer, pairs, batch_size)
+            ref = pair_margins(model, tokenizer, pairs, batch_size)
     else:
         ref = list(tuned)
     t, r = _margin_summary(tuned), _margin_summary(ref)
@@ -213,7 +217,7 @@ def misalignment_preference(model, tokenizer, pairs: list[dict], batch_size: int
 def heldout_nll(model, tokenizer, rows: list[dict], batch_size: int = 8) -> dict:
     """Mean per-token NLL (nats) of the final assistant turn of each chat row, given the
     turns before it. Token-weighted over all rows; rows without an assistant turn are
-    skipped and counted."""
+    skipped and counted. ``per_row``: each scored row's NLL sum and token count."""
     prompts, answers, skipped = [], [], 0
     for row in rows:
         msgs = row["messages"]
@@ -227,7 +231,8 @@ def heldout_nll(model, tokenizer, rows: list[dict], batch_size: int = 8) -> dict
     n_tokens = sum(lp.numel() for lp in lps)
     total = -sum(lp.sum().item() for lp in lps)
     return {"nll_mean": total / n_tokens if n_tokens else None, "n_tokens": n_tokens,
-            "n_rows": len(answers), "n_rows_without_answer": skipped}
+            "n_rows": len(answers), "n_rows_without_answer": skipped,
+            "per_row": [{"nll_sum": -lp.sum().item(), "n_tokens": lp.numel()} for lp in lps]}
 
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)

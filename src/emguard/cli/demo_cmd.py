@@ -1,35 +1,74 @@
-"""``emguard demo``: the main job on the embedded default model."""
+"""``emguard demo``: the main job on the embedded default model, as a small study."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
 
 
-def demo_command(
-    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Folder for runs, metrics, plot."),
-    steps: int = typer.Option(20, min=1, help="Optimizer steps per fine-tune."),
-    model: str = typer.Option("smollm2-135m", help="Model spec (default: embedded SmolLM2-135M-Instruct)."),
-    seed: int = typer.Option(0, help="Seed for data order, training and generation."),
-) -> None:
-    """Fine-tune on aligned code, on insecure code, and on insecure code under the KL
-    defense; compare them and the untrained model on judge-free measures.
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' is not a comma-separated list of integers",
+                                 param_hint="--seeds") from None
+    if not seeds:
+        raise typer.BadParameter("give at least one seed", param_hint="--seeds")
+    return seeds
 
-    Writes OUT/demo_results.md, OUT/demo_results.png and OUT/demo_metrics.json. A rerun
-    skips finished runs and evaluations.
+
+def demo_command(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Study folder: runs, "
+                             "sweep log, report."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds, e.g. 0,1,2 (each adds 7 "
+                              "fine-tunes)."),
+    steps: int = typer.Option(None, min=1, help="Optimizer steps per fine-tune (default: the "
+                              "demo study's 10)."),
+    model: str = typer.Option(None, help="Model spec (default: the embedded SmolLM2-135M-Instruct)."),
+    judge: str = typer.Option(None, help="Also judge sampled answers: openai:MODEL (key from "
+                              "$OPENAI_API_KEY), openai:MODEL@URL or local:MODEL. Default: "
+                              "judge-free measures only."),
+    overrides: list[str] = typer.Option(None, "--set", help="KEY=VALUE for every run's config, "
+                                        "e.g. --set data.max_length=1024 (repeatable)."),
+) -> None:
+    """Run the demo study (emguard/configs/demo.yaml): untrained, aligned control, misaligned
+    fine-tune, KL (lambda 0.1, 1, 10), LDIFS, SafeLoRA and interleaving on the embedded model,
+    then print the main table and write the report (Markdown, CSV, figures, one HTML page).
+
+    A rerun skips every finished run.
     """
     from rich.console import Console
     from rich.markdown import Markdown
 
-    from emguard.demo import DemoSettings, run_demo
+    from emguard.config import ConfigError
+    from emguard.demo import DemoError, run_demo
+    from emguard.report.render import markdown
 
-    result = run_demo(out, DemoSettings(model=model, steps=steps, seed=seed))
-    console = Console()
-    console.print(Markdown(result["table"]))
-    verdict = "lower" if result["kl_reduces_drift"] else "NOT lower"
-    console.print(f"KL defense: general drift is {verdict} than the undefended fine-tune. "
-                  f"Results: {out / 'demo_results.md'}, plot: {out / 'demo_results.png'}")
+    console, err = Console(), Console(stderr=True)
+    started = time.time()
+
+    def notify(name: str, state: str, k: int, n: int) -> None:
+        style = {"done": "green", "skipped": "dim", "failed": "red", "blocked": "yellow"}[state]
+        console.print(f"[demo {k}/{n}] [{style}]{state:>8}[/{style}]  {name}  "
+                      f"({time.time() - started:.0f} s)")
+
+    try:
+        report = run_demo(out, _seeds(seeds), steps, model, judge, overrides or [],
+                          on_event=notify)
+    except (ConfigError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    except DemoError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    for table in report.tables:
+        console.print(Markdown(markdown(table)))
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    console.print(f"Report: {report.html} (also report.md, report.csv and the figures in "
+                  f"{report.out}); {time.time() - started:.0f} s.")
 
 
 def register(app: typer.Typer) -> None:

@@ -87,10 +87,10 @@ def _figures(runs, judged: bool, out: Path) -> list[Path]:
         y = ("indomain_misaligned", "in-domain misaligned % (narrow task learned)")
         main = ("general_misaligned", "general misaligned %")
     else:
-        keys = ["preference_margin", "heldout_nll"]
-        x = ("preference_margin", FREE_MEASURES["preference_margin"][1] + " (higher = more EMA)")
+        keys = ["preference_shift", "heldout_nll"]
+        x = ("preference_shift", FREE_MEASURES["preference_shift"][1] + " (higher = more EMA)")
         y = ("heldout_nll", FREE_MEASURES["heldout_nll"][1] + " (lower = task learned)")
-        main = ("preference_margin", FREE_MEASURES["preference_margin"][1])
+        main = ("preference_shift", FREE_MEASURES["preference_shift"][1] + " (higher = more EMA)")
     cells = estimates(runs, keys)
     figs = [figures.overview(cells, main[0], main[1], out)]
     params = sorted({(c[1], c[2][0][0]) for c in cells if len(c[2]) == 1})

@@ -186,7 +186,9 @@ def judge_free_table(runs: list[RunResult]) -> Table | None:
         if any(est[k].value is not None for k in shown):
             t.rows.append([Cell(domain), Cell(arm_label(arm, point))] +
                           [_cell(est[k], digits=3) for k in shown])
-    t.note = ("drift KL and preference: general questions and the project's preference pairs; "
+    t.note = ("drift KL and preference: general questions and the project's preference pairs "
+              "(margin: mean log-prob per token, misaligned minus aligned answer; shift: that "
+              "margin minus the base model's on the same pair); "
               "held-out NLL and bandit: the run's held-out in-domain set. Intervals: bootstrap "
-              "over answers / pairs / completions; held-out NLL has none (no per-row values).")
+              "over answers / pairs / held-out rows / completions.")
     return t
