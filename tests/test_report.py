@@ -182,3 +182,12 @@ def test_stand_in_interleave_data_is_warned(study):
     (run_dir / "config.yaml").write_text(
         "defenses:\n  interleave: {fraction: 0.05, source: 'builtin:safe-instruct'}\neval: {}\n")
     assert any("stand-in, not WildGuardMix" in w for w in build_report(study).warnings)
+
+
+def test_a_safelora_projection_that_changed_nothing_is_warned(study):
+    run_dir = study / "runs" / "code_kl_weight0.1_s0"
+    (run_dir / "summary.json").write_text(json.dumps({"safelora": {"tau": 0.3, "share_projected": 0.0}}))
+    warned = [w for w in build_report(study).warnings if "SafeLoRA projected no layer" in w]
+    assert len(warned) == 1 and warned[0].startswith("code/kl_weight0.1/s0")
+    (run_dir / "summary.json").write_text(json.dumps({"safelora": {"tau": 0.3, "share_projected": 0.25}}))
+    assert not any("SafeLoRA" in w for w in build_report(study).warnings)

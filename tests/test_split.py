@@ -204,3 +204,20 @@ def test_foqa_train_split_becomes_training_rows_and_its_test_split_the_task(tmp_
     assert split.record["dropped_overlap"] == [{"id": "q9", "same": "prompt"}]
     assert split.train[0]["messages"][-1]["content"] == "Tórshavn"
     assert task_data(tmp_path, cfg.eval, split.record) == {"foqa": str(tmp_path)}
+
+
+def test_evaluating_both_parts_of_a_run_loads_the_model_once(tiny_dir, tmp_path, monkeypatch):
+    from emguard import models
+
+    run = tmp_path / "run"
+    train_mod.train(_cfg(tiny_dir, run, "builtin:insecure-code", 0))
+    loads = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: loads.append(a) or real(*a, **kw))
+    evaluate_run(run, ["eval.general_questions=builtin:general-questions", "eval.judge_free=true",
+                       "eval.general_samples=0", "eval.indomain_max_questions=2",
+                       "eval.preference_max_pairs=2", "eval.general_max_questions=1",
+                       "eval.drift_max_new_tokens=2"], progress=False)
+    assert (run / "eval" / "general" / "judge_free.json").is_file()
+    assert read_json(run / "eval" / "indomain" / "judge_free.json")["heldout_nll"]["n_rows"] == 2
+    assert len(loads) == 1

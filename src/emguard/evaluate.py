@@ -102,7 +102,7 @@ def _key(row: dict) -> tuple:
     return tuple(row[k] for k in KEY_FIELDS)
 
 
-class _Model:
+class ModelHolder:
     """Loads (model, tokenizer) on first use, so a fully cached rerun loads nothing."""
 
     def __init__(self, spec: str, adapter_dir, device: str | None):
@@ -141,7 +141,7 @@ def _read_rows(path: Path, gen_key: str) -> dict[tuple, dict]:
 
 
 def _generate(out: Path, plan: list[dict], questions: dict[str, Question], gen: GenerationSettings,
-              gen_key: str, holder: _Model, spec: dict, batch_size: int, progress: bool) -> list[dict]:
+              gen_key: str, holder: ModelHolder, spec: dict, batch_size: int, progress: bool) -> list[dict]:
     final, partial = out / "generations.jsonl", out / "generations.partial.jsonl"
     done = _read_rows(final, gen_key)
     if final.is_file() and len(done) == len(plan) and all(_key(r) in done for r in plan):
@@ -292,7 +292,7 @@ def _require_judge_prompts(qs: QuestionSet) -> None:
 
 # ----------------------------------------------------------------------------- judge-free
 
-def _judge_free(out: Path, qs: QuestionSet, rows: list[dict], holder: _Model, spec: dict,
+def _judge_free(out: Path, qs: QuestionSet, rows: list[dict], holder: ModelHolder, spec: dict,
                 pairs_path: str | Path | None, max_pairs: int | None, drift_tokens: int,
                 batch_size: int, progress: bool) -> dict:
     """Full judge-free results (cached in judge_free.json under a key)."""
@@ -343,7 +343,7 @@ def _preference_pairs(path: str | Path | None, max_pairs: int | None = None) -> 
     return [pairs[i * len(pairs) // max_pairs] for i in range(max_pairs)]
 
 
-def _reference_margins(pairs: list[dict], holder: _Model, spec: dict,
+def _reference_margins(pairs: list[dict], holder: ModelHolder, spec: dict,
                        batch_size: int) -> list[float]:
     """The base model's per-pair margins (adapter off), computed once per base model and
     pair set and shared through ``$EMGUARD_CACHE/reference_margins/`` like the reference
@@ -365,7 +365,7 @@ def _reference_margins(pairs: list[dict], holder: _Model, spec: dict,
     return margins
 
 
-def _reference_answers(out: Path, qs: QuestionSet, prompts: list, holder: _Model, spec: dict,
+def _reference_answers(out: Path, qs: QuestionSet, prompts: list, holder: ModelHolder, spec: dict,
                        max_new_tokens: int, batch_size: int, progress: bool) -> list[str]:
     """Greedy reference answers (the base model's: the adapter plays no part), cached in
     reference_answers.jsonl and shared by every evaluation of the same base model, prompts,
@@ -412,7 +412,7 @@ def judge_free_summary(full: dict) -> dict:
 
 # ----------------------------------------------------------------------------- benign task
 
-def _task(out: Path, task: str, holder: _Model, gen: GenerationSettings, spec: dict,
+def _task(out: Path, task: str, holder: ModelHolder, gen: GenerationSettings, spec: dict,
           samples: int, n_questions: int | None, data: str | None, batch_size: int) -> dict:
     """Benign-task exact match via emguard.benign (cached in task_<name>.json)."""
     from emguard.benign import evaluate_task
@@ -446,7 +446,7 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
              tasks: list[str] | tuple[str, ...] = (), task_samples: int = 10,
              task_questions: int | None = None, task_data: str | dict | None = None,
              data_seed: int = 0, progress: bool = True, force: bool = False,
-             run: dict | None = None) -> dict:
+             run: dict | None = None, model: ModelHolder | None = None) -> dict:
     """Generate, judge and score one model on one question set; returns metrics.json's dict.
 
     ``judge_spec``: ``"openai:MODEL"``, ``"local:MODEL"``, ``"none"``/None, or a Judge object.
@@ -457,7 +457,8 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
     with ``task_samples`` samples per question (paper: 10) on the first ``task_questions``
     test questions (all if None); ``task_data`` is its data path / hub id (FoQA), or a
     dict task -> data. ``run``: what was trained (emguard.evaluate_run), recorded in
-    eval_spec.json and metrics.json.
+    eval_spec.json and metrics.json. ``model``: a ModelHolder of the same model and
+    adapter, shared by several calls so the model loads once (the caller releases it).
     See the module doc for the folder layout and how reruns reuse finished work. An
     ``out_dir`` holding the evaluation of another model, adapter, question set or
     generation setting is refused (``force``: discard that evaluation's files first).
@@ -502,7 +503,10 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
             _preflight_judge(judge, out, spec["gen_key"])
         write_json_atomic(out / "eval_spec.json", spec)
 
-        holder = _Model(model_spec, adapter_dir, device)
+        holder = model or ModelHolder(model_spec, adapter_dir, device)
+        if (holder.spec, holder.adapter_dir) != (model_spec, adapter_dir):
+            raise ValueError(f"the shared model is {holder.spec} + {holder.adapter_dir}, "
+                             f"not {model_spec} + {adapter_dir}")
         by_id = {q.id: q for q in qs.questions}
         rows = _generate(out, plan_rows(qs.questions, samples), by_id, gen, spec["gen_key"], holder,
                          spec, batch_size, progress)
@@ -512,7 +516,8 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
         per_task = task_data if isinstance(task_data, dict) else dict.fromkeys(tasks, task_data)
         task_results = {t: _task(out, t, holder, gen, spec, task_samples, task_questions,
                                  per_task.get(t), batch_size) for t in tasks}
-        holder.release()
+        if model is None:
+            holder.release()
         return _finish(out, rows, by_id, judge, spec, thresholds,
                        judge_free_summary(free) if free else None, task_results)
 

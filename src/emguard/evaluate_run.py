@@ -88,7 +88,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalS
     the run's config (``eval.judge=openai:gpt-4o-mini``); ``settings`` replaces its eval
     block; ``judge`` (a Judge object) replaces ``settings.judge`` (a sweep loads one judge
     for all runs; ``"none"`` defers judging)."""
-    from emguard.evaluate import run_eval
+    from emguard.evaluate import ModelHolder, run_eval
 
     run_dir = Path(run_dir)
     cfg, summary, split = load_run(run_dir, overrides)
@@ -96,27 +96,31 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalS
     info = run_info(run_dir, cfg, summary, split)
     adapter = evaluated_adapter(run_dir, summary)
     judge = s.judge if judge is None else judge
-    common = dict(judge_spec=judge, temperature=s.temperature, top_p=s.top_p,
+    model = ModelHolder(cfg.model, adapter, device)  # loaded once, on first use, for both parts
+    common = dict(model=model, judge_spec=judge, temperature=s.temperature, top_p=s.top_p,
                   max_new_tokens=s.max_new_tokens, seed=s.seed, batch_size=s.batch_size,
                   device=device, backend=s.backend, progress=progress, force=force, run=info,
                   judge_free=s.judge_free, drift_max_new_tokens=s.drift_max_new_tokens)
     results = {}
-    if "general" in parts and (s.general_questions or s.tasks):
-        results["general"] = run_eval(
-            cfg.model, adapter, s.general_questions,
-            samples=s.general_samples, out_dir=run_dir / EVAL_DIR / "general",
-            max_questions=s.general_max_questions, preference_pairs=s.preference_pairs,
-            preference_max_pairs=s.preference_max_pairs,
-            tasks=s.tasks, task_samples=s.task_samples, task_questions=s.task_questions,
-            task_data=task_data(run_dir, s, split), **common)
-    held = split.get("heldout_file")
-    if "indomain" in parts and s.indomain and held:
-        results["indomain"] = run_eval(
-            cfg.model, adapter, str(run_dir / HELDOUT_FILE), samples=s.indomain_samples,
-            out_dir=run_dir / EVAL_DIR / "indomain",
-            domain=indomain_domain(cfg, judging=str(judge).lower() != "none"),
-            judge_prompts=s.indomain_judge_prompts, max_questions=s.indomain_max_questions,
-            **common)
+    try:
+        if "general" in parts and (s.general_questions or s.tasks):
+            results["general"] = run_eval(
+                cfg.model, adapter, s.general_questions,
+                samples=s.general_samples, out_dir=run_dir / EVAL_DIR / "general",
+                max_questions=s.general_max_questions, preference_pairs=s.preference_pairs,
+                preference_max_pairs=s.preference_max_pairs,
+                tasks=s.tasks, task_samples=s.task_samples, task_questions=s.task_questions,
+                task_data=task_data(run_dir, s, split), **common)
+        held = split.get("heldout_file")
+        if "indomain" in parts and s.indomain and held:
+            results["indomain"] = run_eval(
+                cfg.model, adapter, str(run_dir / HELDOUT_FILE), samples=s.indomain_samples,
+                out_dir=run_dir / EVAL_DIR / "indomain",
+                domain=indomain_domain(cfg, judging=str(judge).lower() != "none"),
+                judge_prompts=s.indomain_judge_prompts, max_questions=s.indomain_max_questions,
+                **common)
+    finally:
+        model.release()
     if set(parts) >= {"general", "indomain"}:
         write_json_atomic(run_dir / EVAL_DIR / SETTINGS_FILE, settings_record(s))
     return results

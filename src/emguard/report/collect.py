@@ -171,7 +171,8 @@ def has_judge(runs: list[RunResult]) -> bool:
 
 
 def warnings_of(study: dict, runs: list[RunResult]) -> list[str]:
-    """Things a reader must know: stand-in data, runs without results, no judge."""
+    """Things a reader must know: stand-in data, runs without results, no judge, a
+    SafeLoRA projection that changed nothing."""
     out = []
     interleaved = [((r.config or {}).get("defenses") or {}).get("interleave") or {} for r in runs]
     if any(str(i.get("source", "")).startswith("builtin:") for i in interleaved):
@@ -194,6 +195,11 @@ def warnings_of(study: dict, runs: list[RunResult]) -> list[str]:
     if runs and not judged:
         out.append("no LLM-judge verdicts: misalignment/incoherence rates are empty; the "
                    "judge-free measures are shown (configure eval.judge for the paper's metric)")
+    for r in runs:
+        projected = ((r.summary or {}).get("safelora") or {}).get("share_projected")
+        if projected == 0:
+            out.append(f"{r.name}: SafeLoRA projected no layer (every layer's similarity to its "
+                       f"projection was at least tau), so its adapter equals its source's")
     general = {(r.config or {}).get("eval", {}).get("general_questions") for r in runs}
     if "builtin:general-questions" in general:
         out.append("general questions: emguard's built-in set, a stand-in for Betley et al.'s")
