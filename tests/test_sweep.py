@@ -276,3 +276,19 @@ def test_changed_eval_settings_are_not_taken_for_finished_work(tmp_path, tiny_di
     assert result.done == ["code/untrained/s0"]
     assert read_json(run.run_dir / "eval" / "indomain" / "metrics.json")["n_generations"] == 3
     assert status(run).state == "done"
+
+
+def test_run_folders_do_not_depend_on_how_the_study_folder_is_spelled(tmp_path, monkeypatch):
+    """A @run: reference names another run's adapter folder; the run's identity (its folder
+    hash) must be the same whether the study folder is given relative or absolute."""
+    from emguard.demo import demo_study
+
+    monkeypatch.chdir(tmp_path)
+    relative = {r.name: r.run_dir.name for r in expand(demo_study("studies/demo"))}
+    absolute = {r.name: r.run_dir.name for r in expand(demo_study(tmp_path / "studies" / "demo"))}
+    assert relative == absolute and len(relative) == 9
+    source = {r.name: r for r in expand(demo_study("studies/demo"))}["code/safelora/s0"]
+    assert source.config.defenses.safelora.unaligned.startswith("studies/demo/runs/code/aligned/s0-")
+    other_steps = {r.name: r.run_dir.name for r in expand(demo_study("studies/demo", steps=2))}
+    # the source changed (other steps), so the SafeLoRA run that names it is another run too
+    assert other_steps["code/safelora/s0"] != relative["code/safelora/s0"]

@@ -234,8 +234,9 @@ def _resolve(study: StudyConfig, pending: list, by_key: dict) -> list[PlannedRun
             if any(n not in done for n in needs):
                 left.append(item)
                 continue
+            identity = [_substitute(o, domain, seed, by_key, done, study) for o in overrides]
             overrides = [_substitute(o, domain, seed, by_key, done) for o in overrides]
-            run = _planned(study, name, domain, arm, seed, point, raw, overrides, needs)
+            run = _planned(study, name, domain, arm, seed, point, raw, overrides, needs, identity)
             run.source_dir = done[run.source].run_dir if run.source else None
             done[name] = run
             order.append(run)
@@ -262,21 +263,29 @@ def _needs(arm: ArmSpec, overrides: list[str], domain: str, seed: int, by_key: d
     return needs
 
 
-def _substitute(override: str, domain: str, seed: int, by_key: dict, done: dict) -> str:
+def _substitute(override: str, domain: str, seed: int, by_key: dict, done: dict,
+                within: StudyConfig | None = None) -> str:
+    """Replace ``@run:ARM`` by that run's adapter folder; ``within``: by the folder relative
+    to the study folder (for the run's identity, which must not depend on where the study
+    folder is or how its path was spelled: a source's folder name carries its own hash)."""
     def adapter(m: re.Match) -> str:
-        return str(done[by_key[(domain, m.group(1), seed)][0]].run_dir / "adapter")
+        folder = done[by_key[(domain, m.group(1), seed)][0]].run_dir / "adapter"
+        if within is None:
+            return str(folder)
+        return RUN_REF + str(folder.relative_to(Path(within.output_dir)))
 
     return re.sub(re.escape(RUN_REF) + r"([A-Za-z0-9][A-Za-z0-9_.-]*)", adapter, override)
 
 
 def _planned(study: StudyConfig, name: str, domain: str, arm: ArmSpec, seed: int, point: dict,
-             raw: dict, overrides: list[str], needs: list[str]) -> PlannedRun:
+             raw: dict, overrides: list[str], needs: list[str], identity: list[str]) -> PlannedRun:
     where = f"{study.name}: run {name}"
     cfg = build_run_config(raw, overrides, where)
     if arm.safelora_of and cfg.defenses.safelora is None:
         raise ConfigError(f"{where}: arm '{arm.name}' projects post hoc (safelora_of) but sets "
                           "no defenses.safelora.* (at least defenses.safelora.unaligned)")
-    folder = Path(study.output_dir) / "runs" / Path(name).parent / f"s{seed}-{config_sha256(cfg)[:8]}"
+    sha = config_sha256(build_run_config(raw, identity, where) if identity != overrides else cfg)
+    folder = Path(study.output_dir) / "runs" / Path(name).parent / f"s{seed}-{sha[:8]}"
     cfg = cfg.model_copy(update={"output_dir": str(folder)})
     kind = "untrained" if arm.data == "none" else "safelora" if arm.safelora_of else "train"
     source = needs[0] if arm.safelora_of else None

@@ -114,7 +114,7 @@ def overview(cells: dict, key: str, label: str, out: Path) -> Path | None:
     arms = list(dict.fromkeys((c[1], c[2]) for c in cells))
     if not any(est[key].value is not None for est in cells.values()):
         return None
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(domains) * max(1, len(arms)) / 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.2 * len(domains) * max(1, len(arms)) / 2 + 1.5), 4.2))
     width = 0.8 / max(1, len(arms))
     for j, (arm, point) in enumerate(arms):
         xs, ys, errs = [], [], []
@@ -130,8 +130,8 @@ def overview(cells: dict, key: str, label: str, out: Path) -> Path | None:
             ax.bar(xs, ys, width, yerr=list(zip(*errs, strict=True)), capsize=2, label=name,
                    color=COLORS[j % len(COLORS)] if j < len(COLORS) else None)
     ax.set_xticks([i + width * (len(arms) - 1) / 2 for i in range(len(domains))], domains)
-    ax.set_ylabel(label)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"{label} per dataset and arm (95 % bootstrap intervals)", fontsize=9)
+    ax.set_ylabel(label, fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars
+    ax.set_title(f"{label}\nper dataset and arm (95 % bootstrap intervals)", fontsize=9)
     fig.tight_layout()
     return _save(fig, out, "overview")
