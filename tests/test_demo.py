@@ -64,3 +64,26 @@ def test_demo_runs_the_study_and_reports_from_run_folders(tiny_dir, tmp_path):
              on_event=lambda name, state, k, n: events.append(state))
     assert events == ["skipped"] * 9
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_demo_with_a_judge_samples_and_judges_every_run(tiny_dir, tmp_path):
+    """--judge: answers are sampled and one judge scores every run after evaluation (the
+    tiny random model stands in for a judge; it puts too little mass on numbers, so the
+    verdicts are missing and the report says so)."""
+    out = tmp_path / "demo"
+    report = run_demo(out, model=str(tiny_dir), steps=1, judge=f"local:{tiny_dir}",
+                      overrides=[*TINY, "eval.max_new_tokens=4", "eval.general_max_questions=2",
+                                 "eval.indomain_max_questions=2"], progress=False)
+    from emguard.data.builtin import builtin_path
+    from emguard.questions import load_questions
+
+    paraphrases = sum(len(q.paraphrases) for q in load_questions(builtin_path("general-questions"))[:2])
+    manifest = read_json(out / "runs-demo.json")
+    for run in manifest["runs"]:
+        general = out / run["dir"] / "eval" / "general"
+        gens = read_jsonl(general / "generations.jsonl")
+        assert len(gens) == 2 * paraphrases  # 2 samples x the first 2 questions' paraphrases
+        assert len(read_jsonl(general / "judgments.jsonl")) == len(gens)
+        assert read_json(general / "metrics.json")["judge"] == f"local:{tiny_dir}"
+    assert any("have no verdict" in w for w in report.warnings)
+    assert any(t.key == "judge_free" for t in report.tables)
