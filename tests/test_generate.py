@@ -144,3 +144,36 @@ def test_model_generation_defaults_do_not_leak_in():
     g.do_sample, g.temperature, g.top_p, g.top_k, g.repetition_penalty = True, 0.7, 0.8, 20, 1.3
     assert generate_answers(model, tok, PROMPTS, temperature=0, **kw) == greedy
     assert generate_answers(model, tok, PROMPTS, n_samples=2, temperature=1, **kw) == sampled
+
+
+def test_predrawn_uniforms_give_the_per_step_samplers_answers(monkeypatch):
+    """The sampler draws each row's uniforms for all steps at once; an independent
+    per-step sampler (one generator call per row and step, as emguard did before) gives
+    the same answers for the same seeds."""
+    from transformers import LogitsProcessor
+
+    import emguard.generate as gen_mod
+
+    class PerStep(LogitsProcessor):
+        def __init__(self, seeds, temperature, top_p, max_new_tokens):
+            self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+            self.t = temperature
+
+        def __call__(self, input_ids, scores):
+            probs = torch.softmax(scores.double() / self.t, dim=-1)
+            picks = []
+            for row, g in zip(probs, self.gens, strict=True):
+                u = torch.rand((), generator=g, dtype=torch.float64)
+                cdf = row.cumsum(0) / row.sum()
+                picks.append(int((cdf <= u).sum().clamp(max=len(row) - 1)))
+            out = torch.full_like(scores, float("-inf"))
+            return out.scatter_(1, torch.tensor(picks)[:, None], 0.0)
+
+    tok = tiny_tokenizer("llama3")
+    model = tiny_model(tok, seed=5)
+    kw = dict(n_samples=3, temperature=1.0, max_new_tokens=12, seed=11, batch_size=4, progress=False)
+    fast = generate_answers(model, tok, PROMPTS, **kw)
+    monkeypatch.setattr(gen_mod, "_RowSampler", PerStep)
+    slow = generate_answers(model, tok, PROMPTS, **kw)
+    assert fast == slow
+    assert sum(len(a) for answers in fast for a in answers) > 40  # real multi-token answers

@@ -51,27 +51,34 @@ class _RowSampler(LogitsProcessor):
 
     Used with greedy decoding: argmax of the returned scores is the sampled token.
     Scores are (B, V) float32; temperature and top-p are applied by HF's warpers.
-    Inverse-transform sampling: one uniform draw per row from its generator, located in
-    the row's cumulative distribution (float64) - exact, and batched over rows.
+    Inverse-transform sampling: one uniform draw per row and step, located in the row's
+    cumulative distribution (float64) - exact, and batched over rows. The uniforms come
+    from one CPU ``torch.Generator`` per row, seeded by its sample_seed, all drawn at the
+    first step: (B, max_new_tokens) float64, which is the same stream as one draw per step
+    (tests/test_generate.py checks this against a per-step sampler) but costs B generator
+    calls per batch instead of B per step. CPU generators make the draws independent of
+    the device.
     """
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float):
-        self.seeds = seeds
-        self.generators: list[torch.Generator] | None = None
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, max_new_tokens: int):
+        self.seeds, self.max_new_tokens = seeds, max_new_tokens
+        self.uniforms: torch.Tensor | None = None  # (B, max_new_tokens) float64
+        self.step = 0
         warpers = [TemperatureLogitsWarper(float(temperature))]
         if top_p < 1.0:
             warpers.append(TopPLogitsWarper(float(top_p)))
         self.warpers = LogitsProcessorList(warpers)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.generators is None:
-            self.generators = [torch.Generator(device=scores.device).manual_seed(s)
-                               for s in self.seeds]
+        if self.uniforms is None:
+            self.uniforms = torch.stack([
+                torch.rand(self.max_new_tokens, generator=torch.Generator().manual_seed(s),
+                           dtype=torch.float64) for s in self.seeds]).to(scores.device)
+        u = self.uniforms[:, self.step]
+        self.step += 1
         probs = self.warpers(input_ids, scores).softmax(dim=-1).double()
         cdf = probs.cumsum(dim=-1)
         cdf /= cdf[:, -1:].clone()
-        u = torch.stack([torch.rand((), generator=g, device=scores.device, dtype=torch.float64)
-                         for g in self.generators])
         # first index whose cdf exceeds u: never a zero-probability token
         picks = torch.searchsorted(cdf, u[:, None], right=True).clamp_(max=scores.shape[-1] - 1)
         onehot = torch.full_like(scores, float("-inf"))
@@ -108,7 +115,7 @@ def _generate_batch(model, tokenizer, texts: list[str], seeds: list[int] | None,
                               temperature=1.0, top_p=1.0, top_k=50)  # neutral: override model defaults
     processors = LogitsProcessorList()
     if seeds is not None:
-        processors.append(_RowSampler(seeds, temperature, top_p))
+        processors.append(_RowSampler(seeds, temperature, top_p, max_new_tokens))
     with torch.inference_mode():
         out = model.generate(**enc, generation_config=config, logits_processor=processors)
     new = out[:, enc["input_ids"].shape[1]:]  # (B, <= max_new_tokens)

@@ -25,7 +25,7 @@ def demo_command(
     seeds: str = typer.Option("0", help="Comma-separated seeds, e.g. 0,1,2 (each adds 7 "
                               "fine-tunes)."),
     steps: int = typer.Option(None, min=1, help="Optimizer steps per fine-tune (default: the "
-                              "demo study's 10)."),
+                              "demo study's 6)."),
     model: str = typer.Option(None, help="Model spec (default: the embedded SmolLM2-135M-Instruct)."),
     judge: str = typer.Option(None, help="Also judge sampled answers: openai:MODEL (key from "
                               "$OPENAI_API_KEY), openai:MODEL@URL or local:MODEL. Default: "
