@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from emguard.report.collect import load_runs
+from emguard.report.stats import combine_seeds
+from emguard.report.tables import arm_label
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "demo_seeds.md"
@@ -38,12 +40,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "demo_seeds.json"
 N_BOOT = 2000
 DEFENSES = ["kl (weight=0.1)", "kl (weight=1.0)", "kl (weight=10.0)", "ldifs", "safelora",
             "interleave"]
-
-
-def arm_name(run) -> str:
-    if not run.point:
-        return run.arm
-    return f"{run.arm} ({', '.join(f'{k.split(chr(46))[-1]}={v}' for k, v in run.point.items())})"
 
 
 def items(run) -> dict[str, np.ndarray]:
@@ -78,18 +74,17 @@ def summarise(per_seed: dict[int, tuple[float, np.ndarray]]) -> dict:
     for seed, (v, reps) in sorted(per_seed.items()):
         lo, hi = np.quantile(reps, [0.025, 0.975])
         out["seeds"][seed] = {"value": v, "lo": float(lo), "hi": float(hi)}
-    values = np.array([v for v, _ in per_seed.values()])
-    lo, hi = np.quantile(np.mean([r for _, r in per_seed.values()], axis=0), [0.025, 0.975])
-    sign = np.sign(values.mean())
-    out["pooled"] = {"value": float(values.mean()), "lo": float(lo), "hi": float(hi),
-                     "sd": float(values.std(ddof=1)) if len(values) > 1 else None,
-                     "shown": bool((lo > 0 or hi < 0) and np.all(np.sign(values) == sign))}
+    pooled = combine_seeds(list(per_seed.values()))  # mean over seeds, averaged replicates
+    signs = np.sign([v for v, _ in per_seed.values()])
+    out["pooled"] = {"value": pooled.value, "lo": pooled.lo, "hi": pooled.hi, "sd": pooled.sd_seeds,
+                     "shown": bool((pooled.lo > 0 or pooled.hi < 0)
+                                   and np.all(signs == np.sign(pooled.value)))}
     return out
 
 
 def analyse(study_dir: Path) -> dict:
     _, runs = load_runs(study_dir, "demo")
-    by = {(arm_name(r), r.seed): items(r) for r in runs if r.free.get("general")}
+    by = {(arm_label(r.arm, r.cell[2]), r.seed): items(r) for r in runs if r.free.get("general")}
     seeds = sorted({s for _, s in by})
     arms = list(dict.fromkeys(a for a, _ in by))
     rng = np.random.default_rng(0)

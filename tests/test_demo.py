@@ -87,3 +87,4 @@ def test_demo_with_a_judge_samples_and_judges_every_run(tiny_dir, tmp_path):
         assert read_json(general / "metrics.json")["judge"] == f"local:{tiny_dir}"
     assert any("have no verdict" in w for w in report.warnings)
     assert any(t.key == "judge_free" for t in report.tables)
+

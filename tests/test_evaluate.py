@@ -82,18 +82,24 @@ def files(tmp_path, tiny_dir):
             "out": tmp_path / "eval"}
 
 
-@pytest.fixture
-def load_counter(monkeypatch):
-    """Counts real load_model calls (the wrapped function still loads the model)."""
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Wrap ``owner.name`` so every call is recorded (its positional arguments) and still
+    runs the real function; returns the list of calls."""
     calls = []
-    real = models.load_model
+    real = getattr(owner, name)
 
     def counting(*a, **kw):
         calls.append(a)
         return real(*a, **kw)
 
-    monkeypatch.setattr(models, "load_model", counting)
+    monkeypatch.setattr(owner, name, counting)
     return calls
+
+
+@pytest.fixture
+def load_counter(monkeypatch):
+    """Counts real load_model calls (the wrapped function still loads the model)."""
+    return count_calls(monkeypatch, models, "load_model")
 
 
 def _run(f, judge, samples=2, **kw):
@@ -335,14 +341,7 @@ def test_reference_answers_are_shared_by_evaluations_of_one_base(files, tmp_path
     from emguard import judge_free as jf
 
     monkeypatch.setenv("EMGUARD_CACHE", str(tmp_path / "cache"))
-    calls = []
-    real = jf.reference_answers
-
-    def counting(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(jf, "reference_answers", counting)
+    calls = count_calls(monkeypatch, jf, "reference_answers")
     first = _run(files, None, samples=1)
     second = _run({**files, "out": tmp_path / "eval2", "adapter": None}, None, samples=1)
     assert len(calls) == 1
@@ -364,14 +363,8 @@ def test_reference_margins_are_shared_and_equal_the_base_models_own(files, tmp_p
     from emguard import judge_free as jf
 
     monkeypatch.setenv("EMGUARD_CACHE", str(tmp_path / "cache"))
-    calls = []
     real = jf.pair_margins
-
-    def counting(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(jf, "pair_margins", counting)
+    calls = count_calls(monkeypatch, jf, "pair_margins")
     first = _run(files, None, samples=0)
     assert len(calls) == 2  # the reference's, then the adapter's
     other = tmp_path / "adapter2"

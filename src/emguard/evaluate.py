@@ -147,12 +147,10 @@ def _generate(out: Path, plan: list[dict], questions: dict[str, Question], gen: 
     if final.is_file() and len(done) == len(plan) and all(_key(r) in done for r in plan):
         return [done[_key(r)] for r in plan]
     done.update(_read_rows(partial, gen_key))
-    todo = [r for r in plan if _key(r) not in done]
-    if not todo:
-        pass  # nothing left to sample (or nothing planned: samples=0)
-    elif gen.backend == "vllm":
+    todo = [r for r in plan if _key(r) not in done]  # none with samples=0: nothing loads
+    if todo and gen.backend == "vllm":
         _generate_vllm(todo, questions, gen, spec, done)
-    else:
+    elif todo:
         from tqdm.auto import tqdm
 
         from emguard.generate import generate_items, render_prompts, sample_seed
@@ -343,16 +341,26 @@ def _preference_pairs(path: str | Path | None, max_pairs: int | None = None) -> 
     return [pairs[i * len(pairs) // max_pairs] for i in range(max_pairs)]
 
 
+def _base_model_cache(kind: str, holder: ModelHolder, spec: dict, inputs: dict,
+                      suffix: str) -> Path:
+    """``$EMGUARD_CACHE/KIND/HASH.SUFFIX``: a file of the base model's outputs, keyed on its
+    files (model_fingerprint), the inputs and the device type, shared by every evaluation
+    of that base whatever its adapter."""
+    from emguard.models import cache_dir, default_device, model_fingerprint
+
+    device = (holder.device or default_device()).split(":")[0]
+    key = _sha({"model": model_fingerprint(spec["model"]), **inputs, "device": device})
+    return cache_dir() / kind / f"{key}{suffix}"
+
+
 def _reference_margins(pairs: list[dict], holder: ModelHolder, spec: dict,
                        batch_size: int) -> list[float]:
     """The base model's per-pair margins (adapter off), computed once per base model and
     pair set and shared through ``$EMGUARD_CACHE/reference_margins/`` like the reference
     answers (every run of a study has the same reference)."""
     from emguard import judge_free as jf
-    from emguard.models import cache_dir, default_device, model_fingerprint
 
-    device = (holder.device or default_device()).split(":")[0]
-    path = cache_dir() / "reference_margins" / f"{_sha({'model': model_fingerprint(spec['model']), 'pairs': pairs, 'device': device})}.json"
+    path = _base_model_cache("reference_margins", holder, spec, {"pairs": pairs}, ".json")
     if path.is_file():
         cached = read_json(path)
         if len(cached.get("margins", [])) == len(pairs):
@@ -372,15 +380,14 @@ def _reference_answers(out: Path, qs: QuestionSet, prompts: list, holder: ModelH
     length and device type through ``$EMGUARD_CACHE/reference_answers/`` (a study of many
     runs generates them once)."""
     from emguard import judge_free as jf
-    from emguard.models import cache_dir, default_device, model_fingerprint
 
     key = _sha({"model": spec["model"], "prompts": prompts, "max_new_tokens": max_new_tokens})
     path = out / "reference_answers.jsonl"
     cached = _cached_answers(path, key, len(prompts))
     if cached is not None:
         return cached
-    device = (holder.device or default_device()).split(":")[0]
-    shared = cache_dir() / "reference_answers" / f"{_sha({'model': model_fingerprint(spec['model']), 'prompts': prompts, 'max_new_tokens': max_new_tokens, 'device': device})}.jsonl"
+    shared = _base_model_cache("reference_answers", holder, spec,
+                               {"prompts": prompts, "max_new_tokens": max_new_tokens}, ".jsonl")
     answers = _cached_answers(shared, None, len(prompts))
     if answers is None:
         model, tok = holder.get()

@@ -192,19 +192,19 @@ def misalignment_preference(model, tokenizer, pairs: list[dict], batch_size: int
         missing = [f for f in ("question", "aligned", "misaligned") if not p.get(f)]
         if missing:
             raise ValueError(f"preference pair {p.get('id', k)!r}: missing field(s) {missing}")
-    if reference_margins is not None and not has_adapter(model):
-        tuned = list(reference_margins)  # a model without an adapter is its own reference
+    if reference_margins is not None and len(reference_margins) != len(pairs):
+        raise ValueError(f"{len(reference_margins)} reference margins for {len(pairs)} pairs")
+    if not has_adapter(model):  # a model without an adapter is its own reference
+        given = reference_margins is not None
+        tuned = list(reference_margins) if given else pair_margins(model, tokenizer, pairs, batch_size)
+        ref = list(tuned)
     else:
         tuned = pair_margins(model, tokenizer, pairs, batch_size)
-    if reference_margins is not None:
-        if len(reference_margins) != len(pairs):
-            raise ValueError(f"{len(reference_margins)} reference margins for {len(pairs)} pairs")
-        ref = list(reference_margins)
-    elif has_adapter(model):
-        with reference_mode(model):
-            ref = pair_margins(model, tokenizer, pairs, batch_size)
-    else:
-        ref = list(tuned)
+        if reference_margins is not None:
+            ref = list(reference_margins)
+        else:
+            with reference_mode(model):
+                ref = pair_margins(model, tokenizer, pairs, batch_size)
     t, r = _margin_summary(tuned), _margin_summary(ref)
     delta = {k: (t[k] - r[k]) if t[k] is not None else None for k in t}
     return {"n_pairs": len(pairs), "tuned": t, "reference": r, "delta": delta,

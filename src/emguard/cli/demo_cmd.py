@@ -42,21 +42,16 @@ def demo_command(
     from rich.console import Console
     from rich.markdown import Markdown
 
+    from emguard.cli.sweep_cmd import progress_printer
     from emguard.config import ConfigError
     from emguard.demo import DemoError, run_demo
     from emguard.report.render import markdown
 
     console, err = Console(), Console(stderr=True)
     started = time.time()
-
-    def notify(name: str, state: str, k: int, n: int) -> None:
-        style = {"done": "green", "skipped": "dim", "failed": "red", "blocked": "yellow"}[state]
-        console.print(f"[demo {k}/{n}] [{style}]{state:>8}[/{style}]  {name}  "
-                      f"({time.time() - started:.0f} s)")
-
     try:
         report = run_demo(out, _seeds(seeds), steps, model, judge, overrides or [],
-                          on_event=notify)
+                          on_event=progress_printer(console, "demo "))
     except (ConfigError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -81,21 +83,26 @@ def _dry_run(cfg) -> None:
     console.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
 
 
-def _run(cfg, executor: str, address: str | None, only: str | None, judge: bool,
-         reevaluate: bool) -> None:
-    import time
-
-    from emguard.sweep import run_sweep
-
+def progress_printer(out: Console, label: str = "") -> Callable[[str, str, int, int], None]:
+    """A sweep's ``on_event``: one line per finished run, its state and the seconds since
+    this printer was made."""
     started = time.time()
+    styles = {"done": "green", "skipped": "dim", "failed": "red", "blocked": "yellow"}
 
     def notify(name: str, state: str, k: int, n: int) -> None:
-        style = {"done": "green", "skipped": "dim", "failed": "red", "blocked": "yellow"}[state]
-        console.print(f"[{k}/{n}] [{style}]{state:>8}[/{style}]  {name}  "
-                      f"({time.time() - started:.0f} s)")
+        style = styles[state]
+        out.print(f"[{label}{k}/{n}] [{style}]{state:>8}[/{style}]  {name}  "
+                  f"({time.time() - started:.0f} s)")
+
+    return notify
+
+
+def _run(cfg, executor: str, address: str | None, only: str | None, judge: bool,
+         reevaluate: bool) -> None:
+    from emguard.sweep import run_sweep
 
     result = run_sweep(cfg, executor=executor, address=address, only=only, judge=judge,
-                       reevaluate=reevaluate, on_event=notify)
+                       reevaluate=reevaluate, on_event=progress_printer(console))
     console.print(f"{len(result.done)} run(s) done, {len(result.skipped)} already finished, "
                   f"{result.judged} judged, {len(result.failed)} failed, "
                   f"{len(result.blocked)} blocked; log: {Path(cfg.output_dir) / 'sweep_log.jsonl'}")
