@@ -88,3 +88,19 @@ def test_demo_with_a_judge_samples_and_judges_every_run(tiny_dir, tmp_path):
     assert any("have no verdict" in w for w in report.warnings)
     assert any(t.key == "judge_free" for t in report.tables)
 
+
+def test_progress_lines_survive_rich_markup():
+    """`[demo 1/9]` looks like a rich style tag; the printer must show it, not swallow it."""
+    import io
+
+    from rich.console import Console
+
+    from emguard.cli.sweep_cmd import progress_printer
+
+    buf = io.StringIO()
+    notify = progress_printer(Console(file=buf, width=200), "demo ")
+    notify("code/kl_weight0.1/s0", "done", 1, 9)
+    notify("code/[odd]/s0", "failed", 2, 9)
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("[demo 1/9]") and "done" in lines[0] and "code/kl_weight0.1/s0" in lines[0]
+    assert lines[1].startswith("[demo 2/9]") and "code/[odd]/s0" in lines[1]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -90,8 +91,8 @@ def progress_printer(out: Console, label: str = "") -> Callable[[str, str, int, 
     styles = {"done": "green", "skipped": "dim", "failed": "red", "blocked": "yellow"}
 
     def notify(name: str, state: str, k: int, n: int) -> None:
-        style = styles[state]
-        out.print(f"[{label}{k}/{n}] [{style}]{state:>8}[/{style}]  {name}  "
+        style = styles[state]  # escaped: rich would take "[demo 1/9]" for a style tag
+        out.print(f"{escape(f'[{label}{k}/{n}]')} [{style}]{state:>8}[/{style}]  {escape(name)}  "
                   f"({time.time() - started:.0f} s)")
 
     return notify
