@@ -177,3 +177,96 @@ def test_predrawn_uniforms_give_the_per_step_samplers_answers(monkeypatch):
     slow = generate_answers(model, tok, PROMPTS, **kw)
     assert fast == slow
     assert sum(len(a) for answers in fast for a in answers) > 40  # real multi-token answers
+
+
+def _adapted_tiny(seed: int = 3):
+    """A tiny model with an rs-LoRA adapter whose B is random (a zero B merges to nothing)."""
+    from emguard.models import attach_lora
+
+    tok = tiny_tokenizer("llama3")
+    model = attach_lora(tiny_model(tok, seed=seed), r=4, alpha=8)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval(), tok
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_merged_adapter_generates_the_unmerged_answers_and_restores_weights_exactly():
+    """Decoding with the adapter folded into the weights gives today's (unmerged) answers
+    for the same seeds, sampled and greedy, and leaves every weight bit-identical."""
+    from emguard.generate import merged_adapter
+
+    model, tok = _adapted_tiny()
+    before = _state(model)
+    with torch.no_grad():  # the adapter really changes the model, so merging is not a no-op
+        ids = tok(render_prompts(tok, PROMPTS[:1]), return_tensors="pt")["input_ids"]
+        with model.disable_adapter():
+            base_logits = model(ids).logits
+        assert (model(ids).logits - base_logits).abs().max() > 1e-2
+    kw = dict(n_samples=3, temperature=1.0, max_new_tokens=12, seed=4, batch_size=4, progress=False)
+    merged = generate_answers(model, tok, PROMPTS, merge=True, **kw)
+    unmerged = generate_answers(model, tok, PROMPTS, merge=False, **kw)
+    assert merged == unmerged
+    greedy = dict(temperature=0, max_new_tokens=12, progress=False)
+    assert (generate_answers(model, tok, PROMPTS, merge=True, **greedy)
+            == generate_answers(model, tok, PROMPTS, merge=False, **greedy))
+    after = _state(model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with merged_adapter(model) as did_merge:  # inside, the LoRA path is folded in
+        assert did_merge
+        layer = next(m for m in model.modules() if hasattr(m, "merged") and hasattr(m, "lora_A"))
+        assert layer.merged
+    assert not layer.merged
+
+
+def test_merged_adapter_restores_weights_after_an_error():
+    from emguard.generate import merged_adapter
+
+    model, _ = _adapted_tiny()
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="boom"), merged_adapter(model):
+        raise RuntimeError("boom")
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_merged_adapter_leaves_a_disabled_adapter_alone():
+    """Reference answers are generated inside disable_adapter(): merging there would put
+    the adapter back into the 'base' model's answers."""
+    from emguard.generate import merged_adapter
+
+    model, tok = _adapted_tiny()
+    with model.disable_adapter():
+        with merged_adapter(model) as did_merge:
+            assert not did_merge
+        inside = generate_answers(model, tok, PROMPTS, temperature=0, max_new_tokens=10,
+                                  progress=False)
+    base = tiny_model(tok, seed=3)
+    assert inside == generate_answers(base, tok, PROMPTS, temperature=0, max_new_tokens=10,
+                                      progress=False)
+    with merged_adapter(base) as did_merge:  # no adapter at all
+        assert not did_merge
+
+
+def test_generation_batch_size_is_larger_on_a_gpu_only():
+    from types import SimpleNamespace
+
+    from emguard.generate import GPU_GENERATION_BATCH, generation_batch_size
+
+    def on(device_type):
+        param = SimpleNamespace(device=SimpleNamespace(type=device_type))
+        return SimpleNamespace(parameters=lambda: iter([param]))
+
+    assert generation_batch_size(on("cpu"), 8) == 8
+    assert generation_batch_size(on("cuda"), 8) == GPU_GENERATION_BATCH
+    assert generation_batch_size(on("cuda"), 200) == 200
+    assert generation_batch_size(on("cuda"), 8, override=4) == 4
+    model, _ = _adapted_tiny()
+    assert generation_batch_size(model, 16) == 16

@@ -185,7 +185,8 @@ class EvalSettings(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: Int = Field(256, gt=0)
     seed: Int = 0
-    batch_size: Int = Field(16, gt=0)
+    batch_size: Int = Field(16, gt=0)  # rows per forward; on CPU also answers per decode
+    generate_batch_size: Int | None = Field(None, gt=0)  # None: batch_size, at least 64 on a GPU
     backend: Literal["hf", "vllm"] = "hf"
     drift_max_new_tokens: Int = Field(128, gt=0)
     tasks: list[str] = Field(default_factory=list)  # opswap:T | foqa

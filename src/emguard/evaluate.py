@@ -141,7 +141,8 @@ def _read_rows(path: Path, gen_key: str) -> dict[tuple, dict]:
 
 
 def _generate(out: Path, plan: list[dict], questions: dict[str, Question], gen: GenerationSettings,
-              gen_key: str, holder: ModelHolder, spec: dict, batch_size: int, progress: bool) -> list[dict]:
+              gen_key: str, holder: ModelHolder, spec: dict, batch_size: int,
+              generate_batch_size: int | None, progress: bool) -> list[dict]:
     final, partial = out / "generations.jsonl", out / "generations.partial.jsonl"
     done = _read_rows(final, gen_key)
     if final.is_file() and len(done) == len(plan) and all(_key(r) in done for r in plan):
@@ -153,24 +154,32 @@ def _generate(out: Path, plan: list[dict], questions: dict[str, Question], gen: 
     elif todo:
         from tqdm.auto import tqdm
 
-        from emguard.generate import generate_items, render_prompts, sample_seed
+        from emguard.generate import (
+            generate_items,
+            generation_batch_size,
+            merged_adapter,
+            render_prompts,
+            sample_seed,
+        )
 
         model, tok = holder.get()
+        batch_size = generation_batch_size(model, batch_size, generate_batch_size)
         chunk = max(4 * batch_size, 64)
         bar = tqdm(total=len(todo), desc="generate", unit="answer", disable=not progress)
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
-            items = [(questions[r["question_id"]].messages(r["paraphrase_index"]), r["sample_index"])
-                     for r in part]
-            answers = generate_items(model, tok, items, gen.temperature, gen.top_p,
-                                     gen.max_new_tokens, gen.seed, batch_size, progress=False)
-            texts = render_prompts(tok, [m for m, _ in items])
-            for r, a, t in zip(part, answers, texts, strict=True):
-                done[_key(r)] = {**r, "answer": a, "seed": gen.seed,
-                                 "sample_seed": sample_seed(gen.seed, t, r["sample_index"]),
-                                 "gen_key": gen_key}
-            write_jsonl_atomic(partial, [done[_key(r)] for r in plan if _key(r) in done])
-            bar.update(len(part))
+        with merged_adapter(model):  # once for all chunks; restored before the next measure
+            for start in range(0, len(todo), chunk):
+                part = todo[start:start + chunk]
+                items = [(questions[r["question_id"]].messages(r["paraphrase_index"]),
+                          r["sample_index"]) for r in part]
+                answers = generate_items(model, tok, items, gen.temperature, gen.top_p,
+                                         gen.max_new_tokens, gen.seed, batch_size, progress=False)
+                texts = render_prompts(tok, [m for m, _ in items])
+                for r, a, t in zip(part, answers, texts, strict=True):
+                    done[_key(r)] = {**r, "answer": a, "seed": gen.seed,
+                                     "sample_seed": sample_seed(gen.seed, t, r["sample_index"]),
+                                     "gen_key": gen_key}
+                write_jsonl_atomic(partial, [done[_key(r)] for r in plan if _key(r) in done])
+                bar.update(len(part))
         bar.close()
     rows = [done[_key(r)] for r in plan]
     write_jsonl_atomic(final, rows)
@@ -446,7 +455,8 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
              domain: str | None = None, max_questions: int | None = None,
              judge_prompts: str | None = None, judge_free: bool = True,
              temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
-             seed: int = 0, batch_size: int = 16, device: str | None = None, backend: str = "hf",
+             seed: int = 0, batch_size: int = 16, generate_batch_size: int | None = None,
+             device: str | None = None, backend: str = "hf",
              judge_cache: str | Path | None = None, thresholds: Thresholds = Thresholds(),
              preference_pairs: str | Path | None = None, preference_max_pairs: int | None = None,
              drift_max_new_tokens: int = 128,
@@ -463,7 +473,10 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
     ``tasks``: benign tasks (``opswap:2``, ``foqa``) scored by emguard.benign.evaluate_task
     with ``task_samples`` samples per question (paper: 10) on the first ``task_questions``
     test questions (all if None); ``task_data`` is its data path / hub id (FoQA), or a
-    dict task -> data. ``run``: what was trained (emguard.evaluate_run), recorded in
+    dict task -> data. ``batch_size``: rows per forward of the judge-free measures and,
+    on CPU, of generation; ``generate_batch_size`` overrides the latter (None: at least 64
+    on a GPU, see emguard.generate.generation_batch_size).
+    ``run``: what was trained (emguard.evaluate_run), recorded in
     eval_spec.json and metrics.json. ``model``: a ModelHolder of the same model and
     adapter, shared by several calls so the model loads once (the caller releases it).
     See the module doc for the folder layout and how reruns reuse finished work. An
@@ -471,7 +484,8 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
     generation setting is refused (``force``: discard that evaluation's files first).
     """
     for name, value in (("task_samples", task_samples), ("max_new_tokens", max_new_tokens),
-                        ("batch_size", batch_size), ("task_questions", task_questions),
+                        ("batch_size", batch_size), ("generate_batch_size", generate_batch_size),
+                        ("task_questions", task_questions),
                         ("max_questions", max_questions),
                         ("preference_max_pairs", preference_max_pairs)):
         if value is not None and (isinstance(value, bool) or value < 1):
@@ -516,7 +530,7 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
                              f"not {model_spec} + {adapter_dir}")
         by_id = {q.id: q for q in qs.questions}
         rows = _generate(out, plan_rows(qs.questions, samples), by_id, gen, spec["gen_key"], holder,
-                         spec, batch_size, progress)
+                         spec, batch_size, generate_batch_size, progress)
         free = (_judge_free(out, qs, rows, holder, spec, preference_pairs, preference_max_pairs,
                             drift_max_new_tokens,
                             batch_size, progress) if judge_free else None)

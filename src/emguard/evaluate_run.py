@@ -99,6 +99,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalS
     model = ModelHolder(cfg.model, adapter, device)  # loaded once, on first use, for both parts
     common = dict(model=model, judge_spec=judge, temperature=s.temperature, top_p=s.top_p,
                   max_new_tokens=s.max_new_tokens, seed=s.seed, batch_size=s.batch_size,
+                  generate_batch_size=s.generate_batch_size,
                   device=device, backend=s.backend, progress=progress, force=force, run=info,
                   judge_free=s.judge_free, drift_max_new_tokens=s.drift_max_new_tokens)
     results = {}

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -54,7 +56,7 @@ class _RowSampler(LogitsProcessor):
     Inverse-transform sampling: one uniform draw per row and step, located in the row's
     cumulative distribution (float64) - exact, and batched over rows. The uniforms come
     from one CPU ``torch.Generator`` per row, seeded by its sample_seed, all drawn at the
-    first step: (B, max_new_tokens) float64, which is the same stream as one draw per step
+    first step: (max_new_tokens, B) float64, which is the same stream as one draw per step
     (tests/test_generate.py checks this against a per-step sampler) but costs B generator
     calls per batch instead of B per step. CPU generators make the draws independent of
     the device.
@@ -62,7 +64,7 @@ class _RowSampler(LogitsProcessor):
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float, max_new_tokens: int):
         self.seeds, self.max_new_tokens = seeds, max_new_tokens
-        self.uniforms: torch.Tensor | None = None  # (B, max_new_tokens) float64
+        self.uniforms: torch.Tensor | None = None  # (max_new_tokens, B) float64
         self.step = 0
         warpers = [TemperatureLogitsWarper(float(temperature))]
         if top_p < 1.0:
@@ -71,10 +73,10 @@ class _RowSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.uniforms is None:
-            self.uniforms = torch.stack([
+            self.uniforms = torch.stack([  # (max_new_tokens, B): one contiguous row per step
                 torch.rand(self.max_new_tokens, generator=torch.Generator().manual_seed(s),
-                           dtype=torch.float64) for s in self.seeds]).to(scores.device)
-        u = self.uniforms[:, self.step]
+                           dtype=torch.float64) for s in self.seeds], dim=1).to(scores.device)
+        u = self.uniforms[self.step]
         self.step += 1
         probs = self.warpers(input_ids, scores).softmax(dim=-1).double()
         cdf = probs.cumsum(dim=-1)
@@ -83,6 +85,65 @@ class _RowSampler(LogitsProcessor):
         picks = torch.searchsorted(cdf, u[:, None], right=True).clamp_(max=scores.shape[-1] - 1)
         onehot = torch.full_like(scores, float("-inf"))
         return onehot.scatter_(1, picks, 0.0)
+
+
+def _mergeable_lora_layers(model) -> list:
+    """The LoRA layers of ``model`` whose delta can be folded into a plain float weight and
+    restored exactly; empty when there is nothing to merge (no adapter, adapters disabled -
+    e.g. inside ``disable_adapter()`` for reference answers - already merged, or a layer type
+    this cannot restore, such as a quantised base)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return []
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    plain = (torch.nn.Linear, torch.nn.Embedding)
+    if not layers or any(m.disable_adapters or m.merged or not m.active_adapters
+                         or not isinstance(m.get_base_layer(), plain)
+                         or not m.get_base_layer().weight.dtype.is_floating_point for m in layers):
+        return []
+    return layers
+
+
+@contextmanager
+def merged_adapter(model) -> Iterator[bool]:
+    """Fold the active LoRA adapter into the base weights for the duration of the block.
+
+    Decoding with W + s*B@A in one matmul instead of W x + s*B(A x) is several times faster
+    for batched generation (issue 13: 538 vs 163 tokens/s for a 0.5B model on an H200).
+    On exit the base weights are restored bit-exactly from a host copy (unmerging by
+    subtraction would leave rounding error in bf16), so measures computed afterwards on the
+    same model see exactly the weights they saw before. Yields whether anything was merged.
+    Host memory: one copy of the adapted weight matrices.
+    """
+    layers = _mergeable_lora_layers(model)
+    saved = [{name: t.detach().to("cpu", copy=True)  # weight, and the bias a LoRA bias merges into
+              for name, t in m.get_base_layer().named_parameters(recurse=False)} for m in layers]
+    try:
+        for m in layers:
+            m.merge(adapter_names=list(m.active_adapters))
+        yield bool(layers)
+    finally:
+        for m, originals in zip(layers, saved, strict=True):
+            if m.merged:
+                m.unmerge()
+            base = m.get_base_layer()
+            with torch.no_grad():
+                for name, value in originals.items():
+                    getattr(base, name).copy_(value)
+
+
+GPU_GENERATION_BATCH = 64  # issue 13, H200, 0.5B: batch 64 3.1x the answers/s of batch 16
+
+
+def generation_batch_size(model, batch_size: int, override: int | None = None) -> int:
+    """Answers decoded together: ``override`` if given, else ``batch_size`` on CPU and at
+    least :data:`GPU_GENERATION_BATCH` on a GPU, where a decode step costs about the same for
+    16 rows as for 64. Answers do not depend on it (see the module doc)."""
+    if override is not None:
+        return override
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return max(batch_size, GPU_GENERATION_BATCH) if on_gpu else batch_size
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -124,11 +185,13 @@ def _generate_batch(model, tokenizer, texts: list[str], seeds: list[int] | None,
 
 def generate_items(model, tokenizer, items: list[tuple[Messages, int]], temperature: float = 1.0,
                    top_p: float = 1.0, max_new_tokens: int = 256, seed: int = 0,
-                   batch_size: int = 16, progress: bool = True) -> list[str]:
+                   batch_size: int = 16, progress: bool = True, merge: bool = True) -> list[str]:
     """One answer per ``(messages, sample_index)`` item, in item order.
 
     ``temperature == 0`` is greedy decoding (seed and sample index then play no role).
     Items are batched longest-prompt-first; results do not depend on the batching.
+    ``merge``: decode with the LoRA adapter folded into the weights (:func:`merged_adapter`;
+    same answers up to floating-point rounding, restored exactly afterwards).
     """
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
@@ -139,32 +202,34 @@ def generate_items(model, tokenizer, items: list[tuple[Messages, int]], temperat
     order = sorted(range(len(items)), key=lambda i: -lengths[i])
     answers: list[str] = [""] * len(items)
     bar = tqdm(total=len(items), desc="generate", unit="answer", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        outs = _generate_batch(model, tokenizer, [texts[i] for i in chunk],
-                               None if greedy else [seeds[i] for i in chunk],
-                               temperature, top_p, max_new_tokens)
-        for i, answer in zip(chunk, outs, strict=True):
-            answers[i] = answer
-        bar.update(len(chunk))
+    with merged_adapter(model) if merge else nullcontext():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            outs = _generate_batch(model, tokenizer, [texts[i] for i in chunk],
+                                   None if greedy else [seeds[i] for i in chunk],
+                                   temperature, top_p, max_new_tokens)
+            for i, answer in zip(chunk, outs, strict=True):
+                answers[i] = answer
+            bar.update(len(chunk))
     bar.close()
     return answers
 
 
 def generate_answers(model, tokenizer, prompts: list[Messages], n_samples: int = 1,
                      temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
-                     seed: int = 0, batch_size: int = 16, progress: bool = True) -> list[list[str]]:
+                     seed: int = 0, batch_size: int = 16, progress: bool = True,
+                     merge: bool = True) -> list[list[str]]:
     """``n_samples`` answers for each chat prompt: result[i][s] answers prompts[i], sample s.
 
     Greedy decoding (``temperature == 0``) generates each prompt once and repeats the
-    answer ``n_samples`` times.
+    answer ``n_samples`` times. ``merge``: see :func:`generate_items`.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     draws = 1 if temperature == 0 else n_samples
     items = [(p, s) for p in prompts for s in range(draws)]
     flat = generate_items(model, tokenizer, items, temperature, top_p, max_new_tokens, seed,
-                          batch_size, progress)
+                          batch_size, progress, merge)
     per_prompt = [flat[i * draws:(i + 1) * draws] for i in range(len(prompts))]
     return [answers * (n_samples // draws) for answers in per_prompt]
 

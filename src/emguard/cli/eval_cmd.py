@@ -84,7 +84,9 @@ def eval_command(
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
     max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),
     seed: int = typer.Option(0, help="Sampling seed (each question/sample seeded from it)."),
-    batch_size: int = typer.Option(16, help="Generation / scoring batch size."),
+    batch_size: int = typer.Option(16, help="Scoring batch size; also generation's on CPU."),
+    generate_batch_size: int = typer.Option(None, help="Answers decoded together "
+                                            "(default: --batch-size, at least 64 on a GPU)."),
     device: str = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda if available)."),
     backend: str = typer.Option("hf", help="hf | vllm (GPU; pip install emguard\\[gpu])."),
     judge_cache: Path = typer.Option(None, help="Judge cache SQLite file "
@@ -118,7 +120,7 @@ def eval_command(
                            max_questions=max_questions, judge_prompts=judge_prompts,
                            judge_free=judge_free, temperature=temperature, top_p=top_p,
                            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                           device=device, backend=backend, judge_cache=judge_cache,
+                           generate_batch_size=generate_batch_size, device=device, backend=backend, judge_cache=judge_cache,
                            drift_max_new_tokens=drift_max_new_tokens, tasks=task or (),
                            task_samples=task_samples, task_questions=task_questions,
                            task_data=task_data, data_seed=data_seed,
