@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--delay", default="0.05,0.5", help="server seconds per request (a list)")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--rounds", type=int, default=8, help="judgments = rounds x concurrency")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
     # the server runs in its own process, so it does not share the client's interpreter lock
@@ -120,8 +121,9 @@ def main() -> None:
               f"{'met' if met else 'missed' if met is False else 'not measured'}")
         server.terminate()
         server.join()
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     g = torch.Generator().manual_seed(0)
@@ -81,9 +82,10 @@ def main() -> None:
     for name, sec in rows.items():
         print(f"{name:<24}{sec:>12.4f}")
     print(f"closed_form / checkpointed: {ratio:.3f}   max |grad difference|: {max_grad_diff:.2e}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"settings": vars(a), "seconds": rows, "ratio": ratio,
-                                   "max_grad_diff": max_grad_diff}, indent=2) + "\n")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+    a.out.write_text(json.dumps({"settings": settings, "seconds": rows, "ratio": ratio,
+                                 "max_grad_diff": max_grad_diff}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

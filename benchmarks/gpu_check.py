@@ -8,6 +8,8 @@ download), then runs the CLI as a user would and records every stage:
   3. emguard safelora  the defended adapter, from the command line
   4. emguard eval    judge-free measures, the local digit-tree judge, OpSwap tier 1
   5. bench_train_step.py at --bench-shape (default Qwen2.5-7B) in bf16, per --bench-seq
+  6. bench_generate.py at --gen-shape (default Qwen2.5-0.5B, issue 13's reference) in bf16:
+     the old generation path against merged / batch-64 decoding and the sampler's share
 
 and writes one JSON (--out/gpu_check.json): versions, device, per stage the command,
 exit code, seconds and a summary (or the error's last lines), and the step-cost table.
@@ -81,6 +83,9 @@ def main() -> None:
     ap.add_argument("--bench-batch", type=int, default=4)
     ap.add_argument("--bench-steps", type=int, default=5)
     ap.add_argument("--train-steps", type=int, default=6)
+    ap.add_argument("--gen-shape", default="qwen2.5-0.5b", help="model of the generation benchmark")
+    ap.add_argument("--gen-answers", type=int, default=64)
+    ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the embedded one)")
     ap.add_argument("--export-tokenizer", type=Path, help="only save the embedded tokenizer here")
     a = ap.parse_args()
@@ -153,6 +158,14 @@ def main() -> None:
                "--batch", str(a.bench_batch), "--steps", str(a.bench_steps), "--out", str(out)]
         if stage(f"bench_seq{seq}", cmd, work, results, env):
             results["bench"][str(seq)] = read(out)
+    out = work / "bench_generate.json"
+    cmd = [sys.executable, str(HERE / "bench_generate.py"), "--shape", a.gen_shape,
+           "--dtype", "bf16" if cuda else "fp32", "--answers", str(a.gen_answers),
+           "--tokens", str(a.gen_tokens), "--out", str(out)]
+    if a.tokenizer:
+        cmd += ["--tokenizer", str(a.tokenizer)]
+    if stage("bench_generate", cmd, work, results, env):
+        results["generate"] = read(out)
     results["ok"] = all(s.get("rc") == 0 for s in results["stages"].values())
     (a.out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {a.out / 'gpu_check.json'}; all stages ok: {results['ok']}")

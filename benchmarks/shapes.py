@@ -21,6 +21,11 @@ SHAPES: dict[str, dict] = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
                          tie_word_embeddings=True),
+    # SmolLM2-135M's sizes (its config.json) on the Qwen2 architecture: the embedded model's
+    # cost with weights that never emit end-of-turn, so every answer runs to full length
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
                  tie_word_embeddings=False),
