@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from record import settings_of
 from torch.utils.checkpoint import checkpoint
 
 from emguard.defenses.kl import kl_per_token
@@ -83,7 +84,7 @@ def main() -> None:
         print(f"{name:<24}{sec:>12.4f}")
     print(f"closed_form / checkpointed: {ratio:.3f}   max |grad difference|: {max_grad_diff:.2e}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+    settings = settings_of(a)
     a.out.write_text(json.dumps({"settings": settings, "seconds": rows, "ratio": ratio,
                                  "max_grad_diff": max_grad_diff}, indent=2) + "\n")
 

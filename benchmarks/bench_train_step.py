@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from record import settings_of
+
 CONFIGS = ["sft", "kl", "ldifs", "kl+ldifs", "kl_unchunked", "kl_naive", "forward_only"]
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 
@@ -184,7 +186,7 @@ def run_all(a: argparse.Namespace) -> dict:
               f"{r['peak_rss_mb']:>14.0f}{r['rss_vs_sft']:>8.2f}")
     for k, v in checks.items():
         print(f"{k}: {v:.3f}")
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+    settings = settings_of(a)
     return {"settings": settings, "rows": rows, "checks": checks}
 
 

@@ -30,20 +30,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-class StepTimer:
-    """TrainerCallback recording the wall time at the end of every optimizer step."""
+def step_timer():
+    """A TrainerCallback recording the wall time at the end of every optimizer step in
+    ``.ends`` (built on call, so the parent process never imports transformers)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
 
-        class _Timer(TrainerCallback):
-            def __init__(self):
-                self.ends: list[float] = []
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
 
-            def on_step_end(self, args, state, control, **kwargs):
-                self.ends.append(time.perf_counter())
-
-        return _Timer()
+    return StepTimer()
 
 
 def run_config(model: str, steps: int, batch: int, out: Path):
@@ -68,7 +67,7 @@ def child(side: str, model: str, steps: int, batch: int, skip: int) -> dict:
         rows, _, _ = prepare_rows(cfg)
         tok = load_tokenizer(model)
         features, _ = tokenize_rows(rows, tok, cfg.data.max_length, False, "bench")
-        timer = StepTimer()
+        timer = step_timer()
         first_loss = (_emguard(cfg, timer) if side == "emguard"
                       else _trl(cfg, rows, tok, timer))
     seen = features[skip * batch:steps * batch]
@@ -167,13 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(args)
     for k, v in result.get("checks", {}).items():
         print(f"  {k}: {v:.4f}")
-    from emguard.io import provenance, write_json_atomic
+    from record import write_result
 
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    out = {"benchmark": "trl", "settings": settings, **result, "provenance": provenance()}
-    write_json_atomic(args.out, out)
-    print(f"wrote {args.out}")
-    return out
+    return write_result(args.out, "trl", args, result)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from record import settings_of
+
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ["table3", "ablation_kl", "ablation_ldifs", "ablation_safelora", "ablation_interleave"]
 # step cost relative to SFT: H200, Qwen2.5-7B shapes, bf16 (docs/benchmarks.md, by hand)
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<24}{s['runs']:>6}{s['trained']:>8}{s['answers']:>11,}{s['judge_calls']:>13,}"
               f"{s['train_hours']:>12.1f}{s['generate_hours']:>11.1f}{s['gpu_hours']:>8.1f}"
               + "".join(f"{w:>12.1f}" for w in walls) + f"{s['judge_hours']:>9.1f}")
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+    settings = settings_of(a)
     settings["studies"] = [str(f.resolve().relative_to(ROOT)) if f.resolve().is_relative_to(ROOT)
                            else str(f) for f in files]
     settings["out"] = str(a.out.name)

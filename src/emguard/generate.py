@@ -92,10 +92,8 @@ def _mergeable_lora_layers(model) -> list:
     restored exactly; empty when there is nothing to merge (no adapter, adapters disabled -
     e.g. inside ``disable_adapter()`` for reference answers - already merged, or a layer type
     this cannot restore, such as a quantised base)."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return []
+    from peft.tuners.lora import LoraLayer
+
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     plain = (torch.nn.Linear, torch.nn.Embedding)
     if not layers or any(m.disable_adapters or m.merged or not m.active_adapters
