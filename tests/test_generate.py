@@ -226,10 +226,14 @@ def test_merged_adapter_generates_the_unmerged_answers_and_restores_weights_exac
     assert not layer.merged
 
 
-def test_merged_adapter_restores_weights_after_an_error():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_adapter_restores_weights_after_an_error(dtype):
+    """Also in bf16 (a GPU's dtype), where subtracting the merged delta again would not
+    give the original weights back."""
     from emguard.generate import merged_adapter
 
     model, _ = _adapted_tiny()
+    model = model.to(dtype)
     before = _state(model)
     with pytest.raises(RuntimeError, match="boom"), merged_adapter(model):
         raise RuntimeError("boom")
