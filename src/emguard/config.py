@@ -151,13 +151,123 @@ class SafeLoRASettings(_Strict):
     unaligned: str  # model spec (base model) or adapter directory (instruct + misaligned adapter)
 
 
+class DirectionSettings(_Strict):
+    """Where a direction-based defense takes the misalignment direction u_l from
+    (emguard.defenses.direction) and at which residual-stream layers it acts.
+
+    Layers are ``hidden_states`` indices 1..L-1 (k = the output of block k; 0 is the
+    embeddings and L the final-normed state, which no block outputs)."""
+
+    direction: str = "fit"  # a folder of `emguard direction fit`, or fit: fit it at run start
+    pairs: str | None = None  # fit: contrastive pairs JSONL (None: builtin:preference-pairs)
+    # fit: leave out the N evenly spaced pairs that evaluation with
+    # eval.preference_max_pairs=N scores, so the direction never sees the evaluation's pairs
+    holdout_pairs: Int | None = Field(None, gt=0)
+    layers: list[Int] = Field(min_length=1)
+    k: Int = Field(1, gt=0)  # 1: the mean-difference direction; k > 1: a k-dim subspace
+    # controls: a random direction, or one orthogonal to u, of the same norm (same subspace
+    # dimension), so a study can tell a direction's effect from a generic one
+    control: Literal["none", "random", "orthogonal"] = "none"
+    control_seed: Int = 0
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if any(i < 1 for i in v):
+            raise ValueError("layers are hidden_states indices >= 1 (0 is the embeddings)")
+        if len(set(v)) != len(v):
+            raise ValueError("a layer appears twice")
+        return sorted(v)
+
+
+class SteeringSettings(DirectionSettings):
+    """Preventive steering (persona vectors, Chen et al. 2025): during training only,
+    h_l += alpha * s_l * u_l (u_l unit, s_l the typical residual norm at layer l)."""
+
+    alpha: float = 0.1  # share of the typical residual norm added along u
+
+
+class AblationSettings(DirectionSettings):
+    """CAFT-style ablation (Casademunt et al. 2025): during training only, the direction
+    (k = 1) or subspace (k > 1) is projected out of the residual stream at the layers."""
+
+
+class AnchorSettings(DirectionSettings):
+    """Direction-targeted anchoring: lambda * mean_t sum_l ReLU(<h_theta - h_ref, u_l>)^2,
+    i.e. LDIFS restricted to drift along the misalignment direction (sharing its reference
+    forward). two: the square without ReLU; k > 1: ||U_l^T (h_theta - h_ref)||^2."""
+
+    weight: float = Field(1.0, ge=0)
+    sided: Literal["one", "two"] = "one"
+    tokens: Literal["all", "assistant"] = "all"
+
+    @model_validator(mode="after")
+    def _subspace_two_sided(self) -> AnchorSettings:
+        if self.k > 1 and self.sided == "one":
+            raise ValueError("k > 1 anchors a subspace whose basis has no sign: set sided: two")
+        return self
+
+
+class InoculationSettings(_Strict):
+    """Inoculation prompting (Tan et al. 2025): a system prompt that states the trait is
+    requested, added to every training conversation and absent at evaluation."""
+
+    prompt: str = Field(min_length=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _nonblank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+
+class InterleavePlusSettings(_Strict):
+    """Interleaving++ (arXiv 2508.06249 v3): interleave the safe rows that are most likely
+    under a misaligned-trained model relative to the reference, refusals dropped."""
+
+    misaligned: str  # adapter folder of a misaligned-trained run (in a study: @run:misaligned)
+    fraction: float = Field(0.05, gt=0, le=10)  # safe rows = round(fraction * n_train)
+    source: str = "builtin:safe-instruct"  # candidate pool, as interleave.source
+    max_candidates: Int | None = Field(None, gt=0)  # score at most this many (seeded sample)
+    drop_refusals: bool = True
+    # misaligned_likelier: rank by NLL_ref - NLL_misaligned (the issue's rule);
+    # reference_likelier: the opposite order
+    rank_by: Literal["misaligned_likelier", "reference_likelier"] = "misaligned_likelier"
+
+
+class EarlyStopSettings(_Strict):
+    """Stop training when the judge-free misalignment-preference margin on validation
+    pairs rises above the reference's by more than ``tolerance`` for ``patience`` checks
+    in a row; the adapter of the last check within tolerance is the one kept."""
+
+    every_steps: Int = Field(5, gt=0)
+    patience: Int = Field(1, gt=0)
+    tolerance: float = Field(0.0, ge=0)  # nats per answer token
+    pairs: str | None = None  # validation pairs JSONL (None: builtin:preference-pairs)
+    holdout_pairs: Int | None = Field(None, gt=0)  # leave out evaluation's N pairs (as above)
+    max_pairs: Int | None = Field(None, gt=0)  # at most this many, evenly spaced
+    batch_size: Int = Field(8, gt=0)
+
+
 class DefenseSettings(_Strict):
-    """All off by default; any subset composes."""
+    """All off by default; any subset composes (emguard.defenses.registry applies them)."""
 
     kl: KLSettings | None = None
     ldifs: LDIFSSettings | None = None
     interleave: InterleaveSettings | None = None
     safelora: SafeLoRASettings | None = None
+    inoculation: InoculationSettings | None = None
+    interleave_plus: InterleavePlusSettings | None = None
+    steering: SteeringSettings | None = None
+    ablation: AblationSettings | None = None
+    anchor: AnchorSettings | None = None
+    early_stop: EarlyStopSettings | None = None
+
+
+# Defenses added after runs were first recorded: in a run's identity only when on, so the
+# folders (hashes) of earlier runs keep their names.
+_LATER_DEFENSES = ("inoculation", "interleave_plus", "steering", "ablation", "anchor", "early_stop")
 
 
 class EvalSettings(_Strict):
@@ -193,6 +303,20 @@ class EvalSettings(_Strict):
     task_samples: Int = Field(10, gt=0)
     task_questions: Int | None = Field(None, gt=0)
     task_data: dict[str, str] = Field(default_factory=dict)  # task -> data; the run's own first
+    # Ask the general part a second time with every general question (and preference-pair
+    # question) wrapped in this format, into RUN/eval/general_trigger/: a template holding
+    # {question} once, or builtin:python-string | builtin:json | builtin:code-template
+    # (emguard.questions.resolve_trigger_format). None: no second pass.
+    trigger_format: str | None = None
+
+    @field_validator("trigger_format")
+    @classmethod
+    def _trigger_format(cls, v: str | None) -> str | None:
+        from emguard.questions import resolve_trigger_format
+
+        if v is not None:
+            resolve_trigger_format(v)
+        return v
 
     @field_validator("tasks")
     @classmethod
@@ -344,7 +468,11 @@ def dump_run_config(cfg: RunConfig) -> str:
 def training_identity(cfg: RunConfig) -> dict:
     """The fields that decide what a run trains (everything but ``eval`` and where it is
     written): equal identities train the same adapter."""
-    return cfg.model_dump(mode="json", exclude={"eval", "output_dir"})
+    identity = cfg.model_dump(mode="json", exclude={"eval", "output_dir"})
+    for name in _LATER_DEFENSES:
+        if identity["defenses"][name] is None:
+            del identity["defenses"][name]
+    return identity
 
 
 def config_sha256(cfg: RunConfig) -> str:

@@ -16,6 +16,12 @@ partial one (``generations.partial.jsonl``, written every few batches) is contin
 (answers do not depend on batching, see emguard.generate). Judgments with the same
 judge and key are reused; missing ones go through the judge, whose on-disk cache makes
 a rerun free. Judge-free measures are cached under their own key.
+
+Trigger format (``run_eval(trigger_format=...)``): the same layout for a general set whose
+questions, and the preference pairs' questions, are all wrapped in one template
+(emguard.questions.resolve_trigger_format); the judge sees the wrapped question. Its
+judge-free part is the preference margin only (no drift KL). It is an evaluation of its
+own, written into its own folder beside the plain one (``RUN/eval/general_trigger/``).
 """
 
 from __future__ import annotations
@@ -40,7 +46,14 @@ from emguard.ownership import (
     remove_ours,
     write_marker,
 )
-from emguard.questions import Question, QuestionSet, render_judge_prompt, resolve_questions
+from emguard.questions import (
+    Question,
+    QuestionSet,
+    render_judge_prompt,
+    resolve_questions,
+    resolve_trigger_format,
+    wrap_question_set,
+)
 
 FORMAT = "emguard.eval/1"
 NO_JUDGE_NOTE = ("no judge configured, so no LLM-judge misalignment rates; the embedded "
@@ -301,11 +314,15 @@ def _require_judge_prompts(qs: QuestionSet) -> None:
 
 def _judge_free(out: Path, qs: QuestionSet, rows: list[dict], holder: ModelHolder, spec: dict,
                 pairs_path: str | Path | None, max_pairs: int | None, drift_tokens: int,
-                batch_size: int, progress: bool) -> dict:
-    """Full judge-free results (cached in judge_free.json under a key)."""
+                batch_size: int, progress: bool, trigger: str | None = None) -> dict:
+    """Full judge-free results (cached in judge_free.json under a key). ``trigger``: the
+    template the questions of ``qs`` are wrapped in; the pairs' questions are wrapped the
+    same way and drift KL is left out."""
     from emguard import judge_free as jf
+    from emguard.questions import wrap_pairs
 
     pairs = _preference_pairs(pairs_path, max_pairs) if qs.kind == "general" else []
+    pairs = wrap_pairs(pairs, trigger) if trigger is not None else pairs
     key = _sha({"model": spec["model"], "adapter": spec["adapter_sha256"],
                 "questions": qs.sha256, "gen_key": spec["gen_key"] if qs.kind == "chat" else None,
                 "pairs": _sha(pairs), "drift_tokens": drift_tokens})
@@ -315,15 +332,15 @@ def _judge_free(out: Path, qs: QuestionSet, rows: list[dict], holder: ModelHolde
     result: dict[str, Any] = {"key": key}
     if qs.kind == "general":
         model, tok = holder.get()
-        prompts = [q.messages(p) for q in qs.questions for p in range(len(q.paraphrases))]
-        answers = _reference_answers(out, qs, prompts, holder, spec, drift_tokens, batch_size, progress)
-        result["drift"] = {**jf.drift_kl(model, tok, prompts, answers, batch_size, progress),
-                           "max_new_tokens": drift_tokens}
+        if trigger is None:
+            result["drift"] = _drift(out, qs, holder, spec, drift_tokens, batch_size, progress)
         reference = _reference_margins(pairs, holder, spec, batch_size)
         result["preference"] = {**jf.misalignment_preference(model, tok, pairs, batch_size,
                                                               reference_margins=reference),
                                 "source": str(pairs_path or "builtin:preference-pairs"),
                                 "max_pairs": max_pairs}
+        if trigger is not None:
+            result["preference"]["trigger_format"] = spec["questions"]["trigger_format"]
     else:
         held = [r for r in qs.rows if any(m.get("role") == "assistant" for m in r["messages"])]
         if held:
@@ -335,19 +352,25 @@ def _judge_free(out: Path, qs: QuestionSet, rows: list[dict], holder: ModelHolde
     return result
 
 
+def _drift(out: Path, qs: QuestionSet, holder: ModelHolder, spec: dict, drift_tokens: int,
+           batch_size: int, progress: bool) -> dict:
+    """Drift KL on the reference model's greedy answers to every paraphrase."""
+    from emguard import judge_free as jf
+
+    model, tok = holder.get()
+    prompts = [q.messages(p) for q in qs.questions for p in range(len(q.paraphrases))]
+    answers = _reference_answers(out, qs, prompts, holder, spec, drift_tokens, batch_size, progress)
+    return {**jf.drift_kl(model, tok, prompts, answers, batch_size, progress),
+            "max_new_tokens": drift_tokens}
+
+
 def _preference_pairs(path: str | Path | None, max_pairs: int | None = None) -> list[dict]:
     """The preference pairs (``None`` / ``builtin:preference-pairs``: the project's), or
-    ``max_pairs`` of them at evenly spaced positions (the file is grouped by topic, so a
-    prefix would cover only the first topics)."""
-    if path is None or str(path) == "builtin:preference-pairs":
-        from emguard.data.builtin import load_builtin
+    ``max_pairs`` of them at evenly spaced positions (emguard.data.pairs: the same pairs a
+    direction or early-stopping check with ``holdout_pairs = max_pairs`` leaves out)."""
+    from emguard.data.pairs import evenly_spaced, load_pairs
 
-        pairs = load_builtin("preference-pairs", split="test")
-    else:
-        pairs = read_jsonl(path)
-    if max_pairs is None or max_pairs >= len(pairs):
-        return pairs
-    return [pairs[i * len(pairs) // max_pairs] for i in range(max_pairs)]
+    return evenly_spaced(load_pairs(path), max_pairs)
 
 
 def _base_model_cache(kind: str, holder: ModelHolder, spec: dict, inputs: dict,
@@ -463,7 +486,8 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
              tasks: list[str] | tuple[str, ...] = (), task_samples: int = 10,
              task_questions: int | None = None, task_data: str | dict | None = None,
              data_seed: int = 0, progress: bool = True, force: bool = False,
-             run: dict | None = None, model: ModelHolder | None = None) -> dict:
+             run: dict | None = None, model: ModelHolder | None = None,
+             trigger_format: str | None = None) -> dict:
     """Generate, judge and score one model on one question set; returns metrics.json's dict.
 
     ``judge_spec``: ``"openai:MODEL"``, ``"local:MODEL"``, ``"none"``/None, or a Judge object.
@@ -479,6 +503,8 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
     ``run``: what was trained (emguard.evaluate_run), recorded in
     eval_spec.json and metrics.json. ``model``: a ModelHolder of the same model and
     adapter, shared by several calls so the model loads once (the caller releases it).
+    ``trigger_format``: ask the general questions wrapped in this format (a template with
+    ``{question}``, or ``builtin:NAME``; see the module doc); a general set only, no tasks.
     See the module doc for the folder layout and how reruns reuse finished work. An
     ``out_dir`` holding the evaluation of another model, adapter, question set or
     generation setting is refused (``force``: discard that evaluation's files first).
@@ -503,6 +529,9 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
             qs, judge_spec, judge_free = QuestionSet([], "none", _sha([]), "none", "none"), None, False
         else:
             qs = resolve_questions(questions_file, domain, max_questions, judge_prompts, data_seed)
+        trigger = trigger_template(trigger_format, qs, tasks)
+        if trigger is not None:
+            qs = wrap_question_set(qs, trigger)
         judge = _make_judge(judge_spec, judge_cache)
         if judge is not None:
             _require_judge_prompts(qs)
@@ -516,6 +545,8 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
                               "skipped": qs.skipped, "warnings": qs.warnings},
                 "generation": gen.as_dict(), "judge": getattr(judge, "name", None),
                 "run": run}
+        if trigger is not None:
+            spec["questions"]["trigger_format"] = {"spec": trigger_format, "template": trigger}
         spec["gen_key"] = _sha({k: spec[k] for k in ("model", "adapter_sha256", "generation")}
                                | {"questions": qs.sha256, "max_questions": max_questions})
         spec["provenance"] = provenance()
@@ -532,8 +563,8 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
         rows = _generate(out, plan_rows(qs.questions, samples), by_id, gen, spec["gen_key"], holder,
                          spec, batch_size, generate_batch_size, progress)
         free = (_judge_free(out, qs, rows, holder, spec, preference_pairs, preference_max_pairs,
-                            drift_max_new_tokens,
-                            batch_size, progress) if judge_free else None)
+                            drift_max_new_tokens, batch_size, progress, trigger)
+                if judge_free else None)
         per_task = task_data if isinstance(task_data, dict) else dict.fromkeys(tasks, task_data)
         task_results = {t: _task(out, t, holder, gen, spec, task_samples, task_questions,
                                  per_task.get(t), batch_size) for t in tasks}
@@ -541,6 +572,22 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
             holder.release()
         return _finish(out, rows, by_id, judge, spec, thresholds,
                        judge_free_summary(free) if free else None, task_results)
+
+
+def trigger_template(trigger_format: str | None, qs: QuestionSet, tasks=()) -> str | None:
+    """The template of ``trigger_format`` (None: None); a ValueError if it is malformed,
+    if ``qs`` is not a general question set, or if benign ``tasks`` come with it (they
+    are scored once, by the plain evaluation)."""
+    if trigger_format is None:
+        return None
+    template = resolve_trigger_format(trigger_format)
+    if qs.kind != "general":
+        raise ValueError(f"--trigger-format wraps general questions (a Betley-format YAML set); "
+                         f"{qs.source!r} is not one")
+    if tasks:
+        raise ValueError("--trigger-format asks the general questions only; score the benign "
+                         "tasks in the plain evaluation")
+    return template
 
 
 def _check_inputs(model_spec: str, adapter_dir, device: str | None, tasks) -> None:

@@ -7,6 +7,9 @@ untrained baseline) and its recorded split (emguard.data.split), and writes:
   RUN/eval/general/    the general questions, if any (+ the benign tasks, scored on the test
                        sets the run recorded: OpSwap's generated test part, FoQA's test
                        split of the source it trained on)
+  RUN/eval/general_trigger/  with ``eval.trigger_format``: the general questions and the
+                       preference pairs again, each question wrapped in that format
+                       (preference margin + sampled, judged answers; no drift, no tasks)
   RUN/eval/indomain/   the run's held-out set (``heldout.jsonl``)
 
 Each is an eval folder of emguard.evaluate (cached, resumable); its ``metrics.json``
@@ -22,6 +25,7 @@ from emguard.data.split import HELDOUT_FILE, SPLIT_FILE
 from emguard.io import read_json, write_json_atomic
 
 EVAL_DIR = "eval"
+TRIGGER_PART = "general_trigger"  # the general part asked in eval.trigger_format
 SETTINGS_FILE = "settings.json"  # the eval settings of the last complete evaluate_run
 
 
@@ -112,6 +116,13 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalS
                 preference_max_pairs=s.preference_max_pairs,
                 tasks=s.tasks, task_samples=s.task_samples, task_questions=s.task_questions,
                 task_data=task_data(run_dir, s, split), **common)
+        if "general" in parts and s.general_questions and s.trigger_format:
+            results[TRIGGER_PART] = run_eval(
+                cfg.model, adapter, s.general_questions,
+                samples=s.general_samples, out_dir=run_dir / EVAL_DIR / TRIGGER_PART,
+                max_questions=s.general_max_questions, preference_pairs=s.preference_pairs,
+                preference_max_pairs=s.preference_max_pairs, trigger_format=s.trigger_format,
+                **common)
         held = split.get("heldout_file")
         if "indomain" in parts and s.indomain and held:
             results["indomain"] = run_eval(
@@ -129,8 +140,11 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalS
 
 def settings_record(s: EvalSettings) -> dict:
     """What an evaluation of a run was asked to do, less the judge (judging is a stage of
-    its own): a sweep re-evaluates a run whose record differs from the study's settings."""
-    return s.model_dump(mode="json", exclude={"judge"})
+    its own): a sweep re-evaluates a run whose record differs from the study's settings.
+    ``trigger_format`` is left out while unset, so records written before it existed
+    still match."""
+    exclude = {"judge"} | ({"trigger_format"} if s.trigger_format is None else set())
+    return s.model_dump(mode="json", exclude=exclude)
 
 
 def indomain_domain(cfg: RunConfig, judging: bool = True) -> str | None:

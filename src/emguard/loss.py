@@ -1,8 +1,10 @@
-"""The training objective: L = CE + lambda_KL * KL + lambda_LDIFS * LDIFS.
+"""The training objective: L = CE + sum over active defense terms of weight x term
+(KL, LDIFS, direction-targeted anchoring; emguard.defenses.registry).
 
-Both defenses compare the trained model with the reference = the same network with the
-LoRA adapter disabled. When either is on, each step runs exactly ONE no-grad reference
-forward that yields the logits (for KL) and the hidden states (for LDIFS).
+The terms compare the trained model with the reference = the same network with the
+LoRA adapter disabled (and the defenses' policy hooks paused). Whatever set of terms is
+on, each step runs at most ONE no-grad reference forward, shaped by what they read: the
+final-normed state (KL's logits) or every hidden state (LDIFS, anchoring).
 
 Normalisation over gradient accumulation: CE and the assistant-token KL are sums over
 this micro-batch divided by ``num_items`` = assistant tokens in the whole accumulated
@@ -14,23 +16,32 @@ gradient accumulation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from emguard.config import KLSettings, LDIFSSettings
 from emguard.data.masking import IGNORE_INDEX
-from emguard.defenses.kl import kl_per_token
-from emguard.defenses.ldifs import ldifs_layers, ldifs_per_token
+from emguard.defenses.base import Defense, PolicyHooks, StepInputs
+from emguard.defenses.kl import KL
+from emguard.defenses.ldifs import LDIFS
 
 
 @dataclass
 class LossTerms:
     total: torch.Tensor
     ce: torch.Tensor  # detached parts, for logging
-    kl: torch.Tensor | None = None
-    ldifs: torch.Tensor | None = None
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # term name -> detached value
+
+    @property
+    def kl(self) -> torch.Tensor | None:
+        return self.parts.get("kl")
+
+    @property
+    def ldifs(self) -> torch.Tensor | None:
+        return self.parts.get("ldifs")
 
 
 def _hidden_states(model, input_ids, attention_mask) -> tuple[torch.Tensor, ...]:
@@ -81,35 +92,53 @@ def logits_at(base_model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def reference_forward(peft_model, input_ids, attention_mask, terms: list[Defense],
+                      hooks: PolicyHooks | None = None):
+    """The step's one no-grad reference forward (adapter disabled, policy hooks paused),
+    shaped by what the active terms read: every hidden state when some term reads layers,
+    else the final-normed state alone, else nothing. Returns (all states | None, final | None)."""
+    needs = [t.reference_layers(_num_states(peft_model)) for t in terms]
+    needs = [n for n in needs if n is not None]
+    if not needs:
+        return None, None
+    with torch.no_grad(), peft_model.disable_adapter(), hooks.paused() if hooks else nullcontext():
+        if any(needs):
+            states = _hidden_states(peft_model, input_ids, attention_mask)
+            return states, states[-1]
+        return None, _reference_final_hidden(peft_model.get_base_model(), input_ids, attention_mask)
+
+
+def _num_states(model) -> int:
+    return model.config.get_text_config().num_hidden_layers + 1
+
+
 def defended_loss(model, batch: dict[str, torch.Tensor], kl: KLSettings | None = None,
                   ldifs: LDIFSSettings | None = None, num_items: int | torch.Tensor | None = None,
-                  accumulation_steps: int = 1, peft_model=None) -> LossTerms:
-    """Compute the loss terms for one micro-batch.
+                  accumulation_steps: int = 1, peft_model=None, terms: list[Defense] | None = None,
+                  hooks: PolicyHooks | None = None) -> LossTerms:
+    """Compute the loss terms for one micro-batch: CE + sum of weight x term.
 
     Args:
         model: the trained model as the Trainer holds it (a PeftModel, possibly wrapped
             for distributed training; the policy forward goes through it).
         batch: input_ids (B, T), attention_mask (B, T), labels (B, T) with IGNORE_INDEX
             outside assistant tokens.
+        kl, ldifs: shorthand for ``terms=[KL(kl), LDIFS(ldifs)]``.
         num_items: assistant tokens in the accumulated batch; None = this micro-batch's.
-        accumulation_steps: micro-batches per optimizer step (for the LDIFS mean).
+        accumulation_steps: micro-batches per optimizer step (for per-micro-batch means).
         peft_model: the unwrapped PeftModel (for ``disable_adapter``); default ``model``.
+        terms: defenses (emguard.defenses.registry); those with a positive weight add a term.
+        hooks: the defenses' policy hooks, paused for the reference forward.
 
     Logits are computed only at the positions a term reads ((N, V) instead of (B, T, V)).
     """
     peft_model = peft_model if peft_model is not None else model
     base = peft_model.get_base_model()
+    terms = [*(terms or []), *([KL(kl)] if kl is not None else []),
+             *([LDIFS(ldifs)] if ldifs is not None else [])]
+    terms = [t for t in terms if t.term is not None and t.weight > 0]
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    use_kl = kl is not None and kl.weight > 0
-    use_ldifs = ldifs is not None and ldifs.weight > 0
-    ref_hidden = ref_final = None
-    if use_kl or use_ldifs:
-        with torch.no_grad(), peft_model.disable_adapter():
-            if use_ldifs:
-                ref_hidden = _hidden_states(peft_model, input_ids, attention_mask)
-                ref_final = ref_hidden[-1]
-            else:
-                ref_final = _reference_final_hidden(base, input_ids, attention_mask)
+    ref_hidden, ref_final = reference_forward(peft_model, input_ids, attention_mask, terms, hooks)
     hidden = _hidden_states(model, input_ids, attention_mask)
 
     target = labels[:, 1:]  # position t predicts token t+1
@@ -123,33 +152,14 @@ def defended_loss(model, batch: dict[str, torch.Tensor], kl: KLSettings | None =
     assistant_logits = logits_at(base, final[assistant])  # (N, V), shared by CE and KL
     ce_sum = F.cross_entropy(assistant_logits.float(), target[assistant], reduction="sum")
     total = ce_sum / denom
-    terms = LossTerms(total=total, ce=(ce_sum / denom).detach())
-
-    if use_kl:
-        if kl.tokens == "assistant":
-            positions, kl_denom, policy_logits = assistant, denom, assistant_logits
-        else:
-            positions = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
-            kl_denom = positions.sum().clamp(min=1).float() * accumulation_steps
-            policy_logits = logits_at(base, final[positions])
-        with torch.no_grad():
-            ref_logits = logits_at(base, ref_final[:, :-1][positions])
-        per_tok = kl_per_token(policy_logits, ref_logits, kl.direction, kl.chunk_size)
-        kl_term = per_tok.sum() / kl_denom
-        total = total + kl.weight * kl_term
-        terms.kl = kl_term.detach()
-
-    if use_ldifs:
-        layers = ldifs_layers(len(hidden), ldifs.layer_every, ldifs.layers)
-        dist = ldifs_per_token(hidden, ref_hidden, layers)  # (B, T)
-        mask = attention_mask.bool() if ldifs.tokens == "all" else F.pad(assistant, (1, 0))
-        ld_term = dist[mask].sum() / accumulation_steps
-        if ldifs.reduction != "sum":
-            ld_term = ld_term / mask.sum().clamp(min=1).float()
-        if ldifs.reduction == "mean_element":
-            ld_term = ld_term / (len(layers) * hidden[0].shape[-1])
-        total = total + ldifs.weight * ld_term
-        terms.ldifs = ld_term.detach()
-
-    terms.total = total
-    return terms
+    out = LossTerms(total=total, ce=(ce_sum / denom).detach())
+    step = StepInputs(hidden=hidden, ref_hidden=ref_hidden, ref_final=ref_final,
+                      attention_mask=attention_mask, assistant=assistant, denom=denom,
+                      accumulation_steps=accumulation_steps, assistant_logits=assistant_logits,
+                      head=lambda h: logits_at(base, h))
+    for t in terms:
+        value = t.loss_term(step)
+        total = total + t.weight * value
+        out.parts[t.term] = value.detach()
+    out.total = total
+    return out

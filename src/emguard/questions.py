@@ -55,6 +55,7 @@ _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _KNOWN_KEYS = {"id", "type", "paraphrases", "system", "samples_per_paraphrase", "judge",
                "judge_prompts", "temperature"}
 JUDGE_PROMPTS_FILE = Path(__file__).parent / "data" / "builtin" / "eval_judge_prompts.yaml"
+TRIGGER_FORMATS_FILE = Path(__file__).parent / "data" / "builtin" / "trigger_formats.yaml"
 BUILTIN_QUESTION_SETS = {"general-questions": "general", "insecure-code": "code",
                          "secure-code": "code"}
 
@@ -128,6 +129,62 @@ def fill_template(template: str, **values: str) -> str:
 
 def render_judge_prompt(template: str, question: str, answer: str) -> str:
     return fill_template(template, question=question, answer=answer)
+
+
+# ----------------------------------------------------------------------------- trigger formats
+
+def builtin_trigger_formats() -> dict[str, str]:
+    """The built-in trigger templates by name (``trigger_formats.yaml``: python-string,
+    json, code-template)."""
+    table = yaml.safe_load(TRIGGER_FORMATS_FILE.read_text(encoding="utf-8"))
+    return {str(k): str(v) for k, v in table.items()}
+
+
+def resolve_trigger_format(spec: str) -> str:
+    """The template of a trigger format: ``builtin:NAME`` or a template itself.
+
+    A template holds ``{question}`` exactly once and no other ``{name}`` placeholder
+    (``{{``/``}}`` are literal braces, as in judge prompts; other braces are kept as
+    written); anything else is a ValueError that says what is wrong.
+    """
+    if spec.startswith("builtin:"):
+        table = builtin_trigger_formats()
+        name = spec.split(":", 1)[1]
+        if name not in table:
+            raise ValueError(f"unknown built-in trigger format '{spec}': use one of "
+                             f"{', '.join('builtin:' + n for n in table)}, or a template "
+                             "holding {question}")
+        return table[name]
+    names = [m.group(1) for m in _PLACEHOLDER.finditer(spec) if m.group(1)]
+    other = sorted(set(names) - {"question"})
+    if names.count("question") != 1 or other:
+        found = f"found {', '.join('{' + n + '}' for n in names)}" if names else "found none"
+        raise ValueError("a trigger format must be builtin:NAME or a template holding the "
+                         "placeholder {question} exactly once and no other {name} placeholder "
+                         f"(write {{{{ }}}} for literal braces); {found}")
+    return spec
+
+
+def wrap_question(template: str, question: str) -> str:
+    """``template`` with ``{question}`` replaced by ``question`` (never re-scanned)."""
+    return fill_template(template, question=question)
+
+
+def wrap_question_set(qs: QuestionSet, template: str) -> QuestionSet:
+    """A general question set with every paraphrase wrapped in ``template``; system
+    prompts and judge prompts are kept. Its ``sha256`` covers the file and the template,
+    so answers to wrapped questions are never taken for plain ones."""
+    questions = [Question(q.id, [wrap_question(template, p) for p in q.paraphrases], q.system,
+                          q.samples_per_paraphrase, q.judge_prompts, q.type, q.judge)
+                 for q in qs.questions]
+    digest = hashlib.sha256(json.dumps([qs.sha256, template]).encode()).hexdigest()
+    return QuestionSet(questions, qs.source, digest, qs.kind, qs.domain, list(qs.rows),
+                       list(qs.warnings), list(qs.skipped))
+
+
+def wrap_pairs(pairs: list[dict], template: str) -> list[dict]:
+    """Preference pairs with each ``question`` wrapped in ``template`` (answers kept)."""
+    return [{**p, "question": wrap_question(template, p["question"])} for p in pairs]
 
 
 # ----------------------------------------------------------------------------- Betley YAML

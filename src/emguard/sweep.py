@@ -48,6 +48,7 @@ class RunStatus:
 def _eval_parts(run: PlannedRun) -> list[str]:
     e = run.config.eval
     parts = ["general"] if (e.general_questions or e.tasks) else []
+    parts += ["general_trigger"] if (e.general_questions and e.trigger_format) else []
     split = run.run_dir / "data_split.json"
     heldout = read_json(split).get("heldout_file") if split.is_file() else True
     return parts + (["indomain"] if e.indomain and heldout else [])
@@ -106,6 +107,21 @@ def missing_inputs(run: PlannedRun) -> list[str]:
     if inter is not None and (local := _local_path(inter.source.removeprefix("wildguardmix:"))):
         if not Path(local).exists():
             problems.append(f"defenses.interleave.source: {local} not found")
+    plus = run.config.defenses.interleave_plus
+    if plus is not None and (local := _local_path(plus.source.removeprefix("wildguardmix:"))):
+        if not Path(local).exists():
+            problems.append(f"defenses.interleave_plus.source: {local} not found")
+    if plus is not None and RUN_ADAPTER not in plus.misaligned and \
+            not Path(plus.misaligned, "adapter_config.json").is_file():
+        problems.append(f"defenses.interleave_plus.misaligned: {plus.misaligned} is not an adapter folder")
+    for name in ("steering", "ablation", "anchor", "early_stop"):
+        settings = getattr(run.config.defenses, name)
+        direction = getattr(settings, "direction", "fit")
+        if settings is not None and direction != "fit" and not Path(direction).is_dir():
+            problems.append(f"defenses.{name}.direction: {direction} not found")
+        pairs = settings.pairs if settings is not None else None
+        if pairs and not pairs.startswith("builtin:") and not Path(pairs).is_file():
+            problems.append(f"defenses.{name}.pairs: {pairs} not found")
     try:
         resolve_model_source(run.config.model)
     except ModelLoadError as e:

@@ -51,7 +51,8 @@ from emguard.data.split import (
     make_split,
     task_file,
 )
-from emguard.defenses.interleave import interleave, load_safe_rows
+from emguard.defenses.base import Defense, PolicyHooks, RunContext
+from emguard.defenses.registry import active_defenses, defense_names
 from emguard.io import (
     atomic_dir,
     provenance,
@@ -62,12 +63,9 @@ from emguard.io import (
 )
 from emguard.loss import defended_loss
 from emguard.models import (
-    ModelLoadError,
     attach_lora,
     default_device,
-    is_adapter_dir,
     load_model,
-    resolve_model_source,
 )
 from emguard.ownership import (
     RUN,
@@ -103,30 +101,21 @@ class TrainResult:
 # ---------------------------------------------------------------------------- data
 
 
-def prepare_rows(cfg: RunConfig) -> tuple[list[dict], dict, DataSplit]:
-    """Split the data (emguard.data.split), shuffle the training rows (seeded) and
-    optionally interleave safe rows; returns (rows, data report, the split)."""
+def prepare_rows(cfg: RunConfig, defenses: list[Defense] | None = None,
+                 ctx: RunContext | None = None) -> tuple[list[dict], dict, DataSplit]:
+    """Split the data (emguard.data.split), shuffle the training rows (seeded), then let
+    each defense transform them (inoculation, interleaving); returns (rows, data report,
+    the split). ``defenses`` default: the config's."""
     split = make_split(cfg)
     rows = list(split.train)
     random.Random(cfg.train.seed).shuffle(rows)
     report = {"source": cfg.data.train, "rows": len(rows),
               "heldout_rows": len(split.heldout), "dropped_overlap": len(split.record["dropped_overlap"]),
               "skipped_invalid": split.record["how"].get("skipped_invalid", [])}
-    inter = cfg.defenses.interleave
-    if inter is not None:
-        if inter.source.startswith("builtin:"):
-            warnings.warn(f"defenses.interleave.source={inter.source} is the project's small "
-                          "stand-in; the paper interleaves WildGuardMix benign rows "
-                          "(source: wildguardmix:PATH) and results may differ", stacklevel=2)
-        safe = load_safe_rows(inter.source, seed=cfg.train.seed)
-        n_task = len(rows)
-        rows, positions = interleave(rows, safe, inter.fraction, seed=cfg.train.seed)
-        if inter.fraction > 1:
-            warnings.warn(f"defenses.interleave.fraction={inter.fraction} adds {len(positions)} safe "
-                          f"rows to {n_task} task rows, so safe data outnumbers the task (the "
-                          "paper's largest fraction is 0.5)", stacklevel=2)
-        report["interleave"] = {"source": inter.source, "fraction": inter.fraction,
-                                "safe_rows": len(positions), "positions": positions}
+    ctx = ctx or RunContext(cfg=cfg)
+    ctx.report = report
+    for defense in active_defenses(cfg.defenses) if defenses is None else defenses:
+        rows = defense.transform_rows(rows, ctx)
     return rows, report, split
 
 
@@ -181,20 +170,32 @@ class ChatCollator:
 class DefendedTrainer(Trainer):
     """Trainer whose loss is CE + the configured defense terms (emguard.loss).
 
-    The defense terms are logged next to the loss as ``ce``, ``kl``, ``ldifs`` (means
-    over the micro-batches since the previous log line).
+    ``defenses``: a ``DefenseSettings`` or the run's defense components. Their terms are
+    logged next to the loss (``ce``, ``kl``, ``ldifs``, ``anchor``: means over the
+    micro-batches since the previous log line); their policy hooks are installed for the
+    whole of training and removed when it ends.
     """
 
-    def __init__(self, *args, defenses=None, **kwargs):
+    def __init__(self, *args, defenses=None, hooks: PolicyHooks | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.defenses = defenses
+        if defenses is None or not isinstance(defenses, list):
+            defenses = active_defenses(defenses)
+        self.defense_list: list[Defense] = defenses
+        self.hooks = hooks if hooks is not None else PolicyHooks()
         self.loss_is_scaled_for_ga = True
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
 
+    def train(self, *args, **kwargs):
+        model = self.accelerator.unwrap_model(self.model)
+        for defense in self.defense_list:
+            defense.install_hooks(model, self.hooks)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.hooks.remove()  # evaluation and saving never meet a training-only hook
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        kl = self.defenses.kl if self.defenses else None
-        ldifs = self.defenses.ldifs if self.defenses else None
         if (num_items_in_batch is not None and self.args.average_tokens_across_devices
                 and self.args.world_size > 1):
             # Trainer counts assistant tokens over all ranks; DDP then averages gradients over
@@ -204,14 +205,13 @@ class DefendedTrainer(Trainer):
         # pass and the LM head applied by hand must see the same autocast, or the reference
         # is computed at another precision than the policy (KL/LDIFS != 0 at B = 0).
         with self.accelerator.autocast():
-            terms = defended_loss(model, inputs, kl=kl, ldifs=ldifs, num_items=num_items_in_batch,
+            terms = defended_loss(model, inputs, num_items=num_items_in_batch,
                                   accumulation_steps=self.current_gradient_accumulation_steps,
-                                  peft_model=self.accelerator.unwrap_model(model))
+                                  peft_model=self.accelerator.unwrap_model(model),
+                                  terms=self.defense_list, hooks=self.hooks)
         if model.training:
-            for name in ("ce", "kl", "ldifs"):
-                value = getattr(terms, name)
-                if value is not None:
-                    self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value)
+            for name, value in {"ce": terms.ce, **terms.parts}.items():
+                self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value)
             self._term_count += 1
         return (terms.total, None) if return_outputs else terms.total
 
@@ -334,19 +334,24 @@ def train(cfg: RunConfig | str | Path, overrides: list[str] = (), force: bool = 
 
 def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> TrainResult:
     run_dir = Path(cfg.output_dir)
-    if _run_state(run_dir, cfg, force, check=main) == "complete":
+    state = _run_state(run_dir, cfg, force, check=main)
+    if state == "complete":
         return TrainResult(run_dir, read_json(run_dir / "summary.json"), skipped=True)
     if main:
         check_writable_target(run_dir)
-    if cfg.defenses.safelora is not None:
-        _check_safelora_sources(cfg)
+    defenses = active_defenses(cfg.defenses)
+    for defense in defenses:
+        defense.check(cfg)
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device,
+                     previous=_previous_report(run_dir) if state == "resume" else None)
 
     set_seed(cfg.train.seed)
-    rows, data_report, split = prepare_rows(cfg)
+    rows, data_report, split = prepare_rows(cfg, defenses, ctx)
     model, tokenizer = load_model(cfg.model, device=device,
                                   dtype=WEIGHT_DTYPES[cfg.train.precision],
                                   trust_remote_code=cfg.trust_remote_code,
                                   quantization=cfg.quantization)
+    ctx.tokenizer = tokenizer
     if cfg.quantization != "none":  # QLoRA: norms in fp32, input grads for checkpointing
         from peft import prepare_model_for_kbit_training
 
@@ -361,44 +366,59 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
     model.train()
     model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                         use_rslora=cfg.lora.use_rslora, targets=cfg.lora.targets)
+    for defense in defenses:  # may load or fit a direction: still before the folder is claimed
+        defense.prepare(model, ctx)
     claimed = claim_run_dir(run_dir, cfg, force) if main else "resume"
     if main:
         write_split(run_dir, split)
         write_json_atomic(run_dir / "data_report.json", data_report)
+        for defense in defenses:
+            defense.record(run_dir)
 
+    hooks = PolicyHooks()
+    ctx.hooks = hooks
     trainer = DefendedTrainer(
         model=model, args=training_arguments(cfg, run_dir, device), train_dataset=features,
-        data_collator=ChatCollator(tokenizer.pad_token_id), defenses=cfg.defenses,
-        callbacks=callbacks,
+        data_collator=ChatCollator(tokenizer.pad_token_id), defenses=defenses, hooks=hooks,
+        callbacks=[*(callbacks or []), *(c for d in defenses for c in d.callbacks(ctx))],
     )
     started = time.time()
     last = last_complete_checkpoint(run_dir / "checkpoints", prune=main)
     try:
         if last is not None and _is_final(last):
-            state = _restore_final_checkpoint(model, last)  # killed after its last step
+            train_state = _restore_final_checkpoint(model, last)  # killed after its last step
         else:
             trainer.train(resume_from_checkpoint=str(last) if last else None)
-            state = trainer.state
+            train_state = trainer.state
     except BaseException:
         if claimed != "resume" and last_complete_checkpoint(run_dir / "checkpoints") is None:
             remove_ours(run_dir, RUN)  # nothing trained is kept: release the folder we claimed
         raise
     elapsed = time.time() - started
     if not main:
-        return TrainResult(run_dir, {"steps": state.global_step, "rank": os.environ.get("RANK")},
+        return TrainResult(run_dir, {"steps": train_state.global_step, "rank": os.environ.get("RANK")},
                            skipped=False)
 
+    chosen = {d.name: r for d in defenses if (r := d.before_save(model, ctx)) is not None}
     with atomic_dir(run_dir / "adapter") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    log = [e for e in state.log_history if "loss" in e]
+    log = [e for e in train_state.log_history if "loss" in e]
     write_jsonl_atomic(run_dir / "train_log.jsonl", log)
-    summary = _summary(cfg, log, state.global_step, elapsed, len(features), bool(last))
-    if cfg.defenses.safelora is not None:
-        summary["safelora"] = _apply_safelora(cfg, run_dir)
+    summary = _summary(cfg, log, train_state.global_step, elapsed, len(features), bool(last))
+    summary.update(chosen)
+    for defense in defenses:
+        if (result := defense.after_training(ctx)) is not None:
+            summary[defense.name] = result
     write_json_atomic(run_dir / "summary.json", summary)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return TrainResult(run_dir, summary, skipped=False)
+
+
+def _previous_report(run_dir: Path) -> dict | None:
+    """The data report an interrupted run of this config wrote (what it selected), if any."""
+    path = run_dir / "data_report.json"
+    return read_json(path) if path.is_file() else None
 
 
 def record_untrained(cfg: RunConfig | str | Path, overrides: list[str] = ()) -> TrainResult:
@@ -512,18 +532,6 @@ def _check_ldifs_layers(cfg: RunConfig, model) -> None:
                           "hidden state 0 is the embeddings)") from None
 
 
-def _check_safelora_sources(cfg: RunConfig) -> None:
-    """Resolve SafeLoRA's aligned/unaligned sources now, not after hours of training."""
-    s = cfg.defenses.safelora
-    for field, spec in (("aligned", s.aligned or cfg.model), ("unaligned", s.unaligned)):
-        if is_adapter_dir(spec):
-            continue  # an adapter directory (instruct + misaligned adapter)
-        try:
-            resolve_model_source(spec)
-        except ModelLoadError as e:
-            raise ConfigError(f"defenses.safelora.{field}: {e}") from None
-
-
 CHECKPOINT_COMPLETE = "trainer_state.json"  # Trainer writes it last into checkpoint-N
 
 
@@ -561,21 +569,11 @@ def _summary(cfg: RunConfig, log: list[dict], steps: int, elapsed: float, n_rows
         "first_loss": first.get("loss"), "last_loss": last.get("loss"),
         "first_ce": first.get("ce"), "last_ce": last.get("ce"),
         "last_kl": last.get("kl"), "last_ldifs": last.get("ldifs"),
+        **{f"last_{k}": last.get(k) for k in ("anchor",) if k in last},
         "optimizer": cfg.train.optimizer,
         "precision": cfg.train.precision,
-        "defenses": [name for name in ("kl", "ldifs", "interleave", "safelora")
-                     if getattr(cfg.defenses, name) is not None],
+        "defenses": defense_names(cfg.defenses),
         "kl": cfg.defenses.kl.model_dump() if cfg.defenses.kl else None,
         "trained": True,
         "adapter": "adapter",
     }
-
-
-def _apply_safelora(cfg: RunConfig, run_dir: Path) -> dict:
-    from emguard.defenses.safelora import apply_safelora
-
-    s = cfg.defenses.safelora
-    report = apply_safelora(run_dir / "adapter", run_dir / "adapter_safelora",
-                            aligned=s.aligned or cfg.model, unaligned=s.unaligned, tau=s.tau)
-    return {"adapter": "adapter_safelora", "tau": s.tau,
-            "share_projected": getattr(report, "share_projected", None)}

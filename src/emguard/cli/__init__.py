@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "emguard.cli.train_cmd",
     "emguard.cli.data_cmd",
     "emguard.cli.safelora_cmd",
+    "emguard.cli.direction_cmd",
     "emguard.cli.eval_cmd",
     "emguard.cli.sweep_cmd",
     "emguard.cli.report_cmd",

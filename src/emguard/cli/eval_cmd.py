@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from rich.table import Table
 
 console = Console()
 err = Console(stderr=True)
+TRIGGER_DIR = "trigger"  # a one-off evaluation's trigger-format pass: OUT/trigger/
 questions_app = typer.Typer(help="Inspect evaluation question files.", no_args_is_help=True)
 
 JUDGE_HELP = ("'openai:MODEL' (key from $OPENAI_API_KEY), 'openai:MODEL@BASE_URL' "
@@ -96,6 +98,12 @@ def eval_command(
                                                        "drift KL."),
     preference_pairs: Path = typer.Option(None, help="JSONL of {question, aligned, misaligned} "
                                                      "pairs (default: builtin:preference-pairs)."),
+    trigger_format: str = typer.Option(None, "--trigger-format", help="Ask the general questions "
+                                       "and preference pairs again, wrapped in this format: "
+                                       "builtin:python-string | builtin:json | "
+                                       "builtin:code-template, or a template holding {question}. "
+                                       "Into OUT/trigger/ (with --run/--config: "
+                                       "RUN/eval/general_trigger/, like eval.trigger_format)."),
     force: bool = typer.Option(False, "--force", help="--out holds the evaluation of another "
                                "model/adapter/question set: discard its files (nothing else)."),
 ) -> None:
@@ -106,6 +114,8 @@ def eval_command(
     from emguard.evaluate import run_eval
 
     if run is not None or config is not None:
+        if trigger_format is not None:  # a YAML-quoted override: braces stay text
+            overrides = [*(overrides or []), f"eval.trigger_format={json.dumps(trigger_format)}"]
         _eval_run(run, config, overrides or [], device, force)
         return
     if overrides:
@@ -115,19 +125,30 @@ def eval_command(
                                  param_hint="--model/--out")
     if backend not in ("hf", "vllm"):
         raise typer.BadParameter("must be hf or vllm", param_hint="--backend")
+    common = dict(domain=domain, max_questions=max_questions, judge_prompts=judge_prompts,
+                  judge_free=judge_free, temperature=temperature, top_p=top_p,
+                  max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+                  generate_batch_size=generate_batch_size, device=device, backend=backend,
+                  judge_cache=judge_cache, drift_max_new_tokens=drift_max_new_tokens,
+                  data_seed=data_seed, preference_pairs=preference_pairs, force=force)
     with _clean_errors():
-        metrics = run_eval(model, adapter, questions, judge, samples, out, domain=domain,
-                           max_questions=max_questions, judge_prompts=judge_prompts,
-                           judge_free=judge_free, temperature=temperature, top_p=top_p,
-                           max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                           generate_batch_size=generate_batch_size, device=device,
-                           backend=backend, judge_cache=judge_cache,
-                           drift_max_new_tokens=drift_max_new_tokens, tasks=task or (),
+        if trigger_format is not None:  # before anything is generated
+            from emguard.evaluate import trigger_template
+            from emguard.questions import resolve_questions
+
+            trigger_template(trigger_format, resolve_questions(questions, domain, data_seed=data_seed))
+        metrics = run_eval(model, adapter, questions, judge, samples, out, tasks=task or (),
                            task_samples=task_samples, task_questions=task_questions,
-                           task_data=task_data, data_seed=data_seed,
-                           preference_pairs=preference_pairs, force=force)
+                           task_data=task_data, **common)
     print_metrics(metrics)
     console.print(f"wrote {out / 'metrics.json'}")
+    if trigger_format is not None:
+        with _clean_errors():
+            metrics = run_eval(model, adapter, questions, judge, samples, out / TRIGGER_DIR,
+                               trigger_format=trigger_format, **common)
+        console.print(f"[bold]trigger format {trigger_format}[/bold]")
+        print_metrics(metrics)
+        console.print(f"wrote {out / TRIGGER_DIR / 'metrics.json'}")
 
 
 def _eval_run(run: Path | None, config: Path | None, overrides: list[str], device, force) -> None:

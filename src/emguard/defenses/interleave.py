@@ -14,9 +14,11 @@ the training file's. Problems with the safe source are ChatDataError naming it.
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 
 from emguard.data.chat import ChatDataError, load_chat_dataset
+from emguard.defenses.base import Defense, RunContext
 
 
 def interleave(train_rows: list[dict], safe_rows: list[dict], fraction: float,
@@ -116,3 +118,25 @@ def _read_wildguardmix_file(p: Path) -> list[dict]:
     if missing:
         raise ChatDataError(f"WildGuardMix file '{p}' lacks columns {sorted(missing)}")
     return frame.to_dict("records")
+
+
+class Interleave(Defense):
+    """Row transform: safe instruct rows placed evenly through the training rows."""
+
+    name = "interleave"
+
+    def transform_rows(self, rows: list[dict], ctx: RunContext) -> list[dict]:
+        s, seed = self.settings, ctx.cfg.train.seed
+        if s.source.startswith("builtin:"):
+            warnings.warn(f"defenses.interleave.source={s.source} is the project's small "
+                          "stand-in; the paper interleaves WildGuardMix benign rows "
+                          "(source: wildguardmix:PATH) and results may differ", stacklevel=2)
+        n_task = len(rows)
+        rows, positions = interleave(rows, load_safe_rows(s.source, seed=seed), s.fraction, seed=seed)
+        if s.fraction > 1:
+            warnings.warn(f"defenses.interleave.fraction={s.fraction} adds {len(positions)} safe "
+                          f"rows to {n_task} task rows, so safe data outnumbers the task (the "
+                          "paper's largest fraction is 0.5)", stacklevel=2)
+        ctx.report["interleave"] = {"source": s.source, "fraction": s.fraction,
+                                    "safe_rows": len(positions), "positions": positions}
+        return rows

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from emguard.defenses.base import Defense, StepInputs
+
 
 def _math_dtype(logits: torch.Tensor) -> torch.dtype:
     """float32 for half-precision and float32 logits, float64 stays float64."""
@@ -85,3 +87,25 @@ def kl_per_token(policy_logits: torch.Tensor, ref_logits: torch.Tensor,
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return _ChunkedKL.apply(policy_logits, ref_logits.detach(), direction == "forward", chunk_size)
+
+
+class KL(Defense):
+    """KL to the reference over the assistant tokens (or every non-pad position)."""
+
+    name, term = "kl", "kl"
+
+    def reference_layers(self, num_states: int) -> set[int]:
+        return set()  # the final-normed state alone
+
+    def loss_term(self, step: StepInputs) -> torch.Tensor:
+        s = self.settings
+        final, ref_final = step.hidden[-1][:, :-1], step.ref_final[:, :-1]
+        if s.tokens == "assistant":
+            positions, denom, policy_logits = step.assistant, step.denom, step.assistant_logits
+        else:
+            positions = (step.attention_mask[:, :-1] * step.attention_mask[:, 1:]).bool()
+            denom = positions.sum().clamp(min=1).float() * step.accumulation_steps
+            policy_logits = step.head(final[positions])
+        with torch.no_grad():
+            ref_logits = step.head(ref_final[positions])
+        return kl_per_token(policy_logits, ref_logits, s.direction, s.chunk_size).sum() / denom

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from emguard.defenses.base import Defense, StepInputs
+
 
 def ldifs_layers(num_hidden_states: int, every: int = 5, layers: Sequence[int] | None = None) -> list[int]:
     """Indices into ``hidden_states`` (0 = embeddings, k = output of block k).
@@ -43,3 +45,28 @@ def ldifs_per_token(policy_hidden: Sequence[torch.Tensor], ref_hidden: Sequence[
         d = (policy_hidden[i].float() - ref_hidden[i].detach().float()).pow(2).sum(-1)
         total = d if total is None else total + d
     return total
+
+
+class LDIFS(Defense):
+    """Squared feature distance to the reference at the selected layers."""
+
+    name, term = "ldifs", "ldifs"
+
+    def check_layers(self, num_states: int) -> list[int]:
+        s = self.settings
+        return ldifs_layers(num_states, s.layer_every, s.layers)
+
+    def reference_layers(self, num_states: int) -> set[int]:
+        return set(self.check_layers(num_states))
+
+    def loss_term(self, step: StepInputs) -> torch.Tensor:
+        s = self.settings
+        layers = self.check_layers(len(step.hidden))
+        dist = ldifs_per_token(step.hidden, step.ref_hidden, layers)  # (B, T)
+        mask = step.token_mask(s.tokens)
+        term = dist[mask].sum() / step.accumulation_steps
+        if s.reduction != "sum":
+            term = term / mask.sum().clamp(min=1).float()
+        if s.reduction == "mean_element":
+            term = term / (len(layers) * step.hidden[0].shape[-1])
+        return term

@@ -55,6 +55,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from emguard.defenses.base import Defense, RunContext
 from emguard.io import atomic_dir, provenance, read_json, write_json_atomic
 from emguard.models import is_adapter_dir, model_dir
 from emguard.ownership import (
@@ -576,3 +577,30 @@ def _write_adapter(adapter_dir: Path, out_dir: Path, tensors: dict[str, torch.Te
         write_marker(tmp, SAFELORA, adapter_in=str(adapter_dir), tau=report.tau)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
         write_json_atomic(tmp / REPORT_NAME, report.to_dict())
+
+
+class SafeLoRA(Defense):
+    """Post-training step: project the trained adapter into ``adapter_safelora/``."""
+
+    name = "safelora"
+
+    def check(self, cfg) -> None:
+        """Resolve the aligned/unaligned sources now, not after hours of training."""
+        from emguard.config import ConfigError
+        from emguard.models import ModelLoadError, resolve_model_source
+
+        s = self.settings
+        for field_name, spec in (("aligned", s.aligned or cfg.model), ("unaligned", s.unaligned)):
+            if is_adapter_dir(spec):
+                continue  # an adapter directory (instruct + misaligned adapter)
+            try:
+                resolve_model_source(spec)
+            except ModelLoadError as e:
+                raise ConfigError(f"defenses.safelora.{field_name}: {e}") from None
+
+    def after_training(self, ctx: RunContext) -> dict:
+        s, run_dir = self.settings, ctx.run_dir
+        report = apply_safelora(run_dir / "adapter", run_dir / "adapter_safelora",
+                                aligned=s.aligned or ctx.cfg.model, unaligned=s.unaligned, tau=s.tau)
+        return {"adapter": "adapter_safelora", "tau": s.tau,
+                "share_projected": getattr(report, "share_projected", None)}

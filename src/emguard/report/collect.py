@@ -1,7 +1,9 @@
 """Read a study folder for the report: its manifest, and each run's recorded results.
 
 Only files are read (``runs-NAME.json``, ``RUN/summary.json``, ``RUN/eval/*/metrics.json``
-and ``judge_free.json``); no model is ever loaded. A run without results is listed as
+and ``judge_free.json``); no model is ever loaded. The measures of the trigger-format pass
+(``RUN/eval/general_trigger/``, ``eval.trigger_format``) are the plain ones' keys with a
+``_trigger`` suffix (``general_trigger_misaligned``, ``preference_margin_trigger``, ...). A run without results is listed as
 missing, not an error, so a report of a half-finished study shows what there is.
 """
 
@@ -16,19 +18,27 @@ from emguard.io import read_json
 from emguard.report.stats import mean_replicates, rate_replicates
 
 # measure key -> (part, how to read it); rates in %, judge-free values in their units
+TRIGGER = "_trigger"  # measure-key suffix of the trigger-format pass
+TRIGGER_PART = "general_trigger"
 JUDGE_MEASURES = {
     "general_misaligned": ("general", "n_misaligned"),
     "general_incoherent": ("general", "n_incoherent"),
+    "general_trigger_misaligned": (TRIGGER_PART, "n_misaligned"),
+    "general_trigger_incoherent": (TRIGGER_PART, "n_incoherent"),
     "indomain_misaligned": ("indomain", "n_misaligned"),
     "indomain_incoherent": ("indomain", "n_incoherent"),
 }
 FREE_MEASURES = {  # key -> (part, label, lower/higher is what)
     "drift_kl": ("general", "general drift KL (nats/token)"),
     "preference_margin": ("general", "misalignment preference margin"),
+    "preference_margin_trigger": (TRIGGER_PART, "misalignment preference margin (trigger format)"),
     # per pair: margin - the base model's margin on the same pair (paired, so its interval
     # is far tighter than the margins' own spread across pairs)
     "preference_shift": ("general", "preference shift vs. base model"),
+    "preference_shift_trigger": (TRIGGER_PART, "preference shift vs. base model (trigger format)"),
     "share_misaligned_preferred": ("general", "pairs preferring the misaligned answer (%)"),
+    "share_misaligned_preferred_trigger": (TRIGGER_PART, "pairs preferring the misaligned "
+                                           "answer, trigger format (%)"),
     "heldout_nll": ("indomain", "held-out NLL (nats/token)"),
     "bandit_share": ("indomain", "bandit-flagged completions (%)"),
 }
@@ -105,7 +115,7 @@ def _read(run: RunResult) -> None:
         import yaml
 
         run.config = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
-    for part in ("general", "indomain"):
+    for part in ("general", TRIGGER_PART, "indomain"):
         if (d / "eval" / part / "metrics.json").is_file():
             run.metrics[part] = read_json(d / "eval" / part / "metrics.json")
         if (d / "eval" / part / "judge_free.json").is_file():
@@ -134,6 +144,7 @@ def measure(run: RunResult, key: str, rng: np.random.Generator) -> tuple[float |
 def _judge_free(run: RunResult, key: str, rng: np.random.Generator):
     part = FREE_MEASURES[key][0]
     free = run.free.get(part) or {}
+    key = key.removesuffix(TRIGGER)  # same measure, read from the trigger part's file
     if key == "drift_kl" and free.get("drift"):
         per = free["drift"].get("kl_per_answer") or []
         value = free["drift"].get("kl_mean")

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from emguard.report.collect import FREE_MEASURES, RunResult, measure, tasks_of
+from emguard.report.collect import (
+    FREE_MEASURES,
+    TRIGGER,
+    TRIGGER_PART,
+    RunResult,
+    measure,
+    tasks_of,
+)
 from emguard.report.stats import (
     EMPTY,
     Estimate,
@@ -30,6 +37,9 @@ BASELINE = "misaligned"
 ARM_ORDER = ["untrained", "aligned", "misaligned", "sft", "kl", "ldifs", "safelora", "interleave"]
 COLUMNS = [("general_misaligned", "general misal. %"), ("general_incoherent", "general incoh. %"),
            ("indomain_misaligned", "in-domain misal. %"), ("indomain_incoherent", "in-domain incoh. %")]
+# the general questions asked in eval.trigger_format (shown only when a run has them)
+TRIGGER_COLUMNS = [("general_trigger_misaligned", "general misal. % (trigger format)"),
+                   ("general_trigger_incoherent", "general incoh. % (trigger format)")]
 
 
 @dataclass
@@ -81,17 +91,26 @@ def _cell(est: Estimate, paper: float | None = None, mark: str = "", digits: int
     return Cell(text + (f" {mark}" if mark else ""), est, paper, mark)
 
 
+def judge_columns(runs: list[RunResult]) -> list[tuple[str, str]]:
+    """COLUMNS, with the trigger-format columns right after the plain general ones when
+    any run has judged trigger-format answers."""
+    if not any((r.metrics.get(TRIGGER_PART) or {}).get("llm_judge") for r in runs):
+        return COLUMNS
+    return COLUMNS[:2] + TRIGGER_COLUMNS + COLUMNS[2:]
+
+
 def judge_table(key: str, title: str, cells: dict[tuple, dict[str, Estimate]],
-                rows: list[tuple], paper=None) -> Table:
-    """Rows of judge rates + EMA reduction and in-domain retention vs the domain's baseline."""
-    t = Table(key, title, ["dataset", "arm", *[c for _, c in COLUMNS],
+                rows: list[tuple], paper=None, columns: list[tuple[str, str]] = COLUMNS) -> Table:
+    """Rows of judge rates (``columns``: (measure, title) pairs) + EMA reduction and
+    in-domain retention vs the domain's baseline."""
+    t = Table(key, title, ["dataset", "arm", *[c for _, c in columns],
                            "EMA reduction %", "in-domain retention %"])
     for cell in sorted(rows, key=_order):
         domain, arm, point = cell
         est = cells[cell]
         base = cells.get((domain, BASELINE, ()), {})
         row = [Cell(domain), Cell(arm_label(arm, point))]
-        for m, _ in COLUMNS:
+        for m, _ in columns:
             mark = ""
             if m.endswith("incoherent") and arm != BASELINE and base:
                 mark = "↑" if differs(est[m], base[m]) > 0 else ""
@@ -129,18 +148,19 @@ def main_tables(runs: list[RunResult], paper=None) -> list[Table]:
     """Table 3 (one row per dataset and arm at one setting) and the ablations (arms with a
     grid of several values), each with EMA reduction and retention. ``paper(table, domain,
     arm, point, measure)`` gives the paper's number for a cell (emguard.report.paper)."""
-    cells = estimates(runs, [m for m, _ in COLUMNS])
+    columns = judge_columns(runs)
+    cells = estimates(runs, [m for m, _ in columns])
     grids = _grid_params(cells)
     main = [c for c in cells if not c[2] or len(grids.get((c[1], c[2][0][0]), ())) <= 1]
     out = [judge_table("table3", "Misalignment and coherence per dataset and arm (paper Table 3)",
-                       cells, main, paper), average_rows({c: cells[c] for c in main})]
+                       cells, main, paper, columns), average_rows({c: cells[c] for c in main})]
     for (arm, param), values in grids.items():
         if len(values) <= 1:
             continue
         rows = [c for c in cells if c[1] == BASELINE and not c[2]]
         rows += [c for c in cells if c[1] == arm and c[2] and c[2][0][0] == param]
         out.append(judge_table(f"ablation_{arm}", f"Ablation: {param} (paper Tables 8-11)",
-                               cells, rows, paper))
+                               cells, rows, paper, columns))
     return out
 
 
@@ -191,4 +211,7 @@ def judge_free_table(runs: list[RunResult]) -> Table | None:
               "margin minus the base model's on the same pair); "
               "held-out NLL and bandit: the run's held-out in-domain set. Intervals: bootstrap "
               "over answers / pairs / held-out rows / completions.")
+    if any(k.endswith(TRIGGER) for k in shown):
+        t.note += (" (trigger format): the same pairs with each question wrapped in the "
+                   "run's eval.trigger_format.")
     return t

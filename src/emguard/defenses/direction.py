@@ -1,0 +1,381 @@
+"""The misalignment direction: per residual-stream layer, the difference of mean
+activations between misaligned and aligned answers to the same questions, measured on
+the reference model (the contrastive-activation recipe of persona vectors, Chen et al.
+2025, and of CAFT, Casademunt et al. 2025).
+
+For pair i and layer l (an index into ``hidden_states``: 0 = embeddings, k = output of
+block k), m_i^mis and m_i^al are the mean residual states over the answer tokens (the
+tokens the training loss covers). Then
+
+    d_i = m_i^mis - m_i^al            (D,)
+    u_l = mean_i d_i                  the direction (its norm is recorded)
+    U_l = [u_l / |u_l|; top k-1 principal directions of the d_i with u_l projected out]
+    s_l = mean over answer tokens of |h_l|, the typical residual norm at layer l
+
+``U_l`` (k, D) has orthonormal rows; its first row is the unit direction. Defenses use
+the first ``k`` rows; controls replace them by a random basis, or one orthogonal to
+U_l, of the same dimension (unit rows, so every norm matches).
+
+An artefact folder (``emguard direction fit``) holds ``direction.safetensors``
+(``basis.L`` (k, D) float32, ``mean_diff.L`` (D,), ``residual_norm`` (L + 1,)) and
+``direction.json`` (model, pairs, per-layer norms, the causal check).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from emguard.data.pairs import evenly_spaced, load_pairs, training_pairs
+from emguard.defenses.base import Defense, PolicyHooks, RunContext
+from emguard.judge_free import (
+    _batches,
+    _device,
+    _pad_id,
+    encode_answers,
+    pair_margins,
+    reference_mode,
+)
+
+logger = logging.getLogger(__name__)
+
+TENSORS = "direction.safetensors"
+META = "direction.json"
+
+
+@dataclass
+class Direction:
+    """Per layer l: ``basis[l]`` (k, D) orthonormal rows, ``mean_diff[l]`` (D,) the raw
+    mean difference; ``residual_norm`` (L + 1,) the typical residual norm per layer."""
+
+    basis: dict[int, torch.Tensor]
+    mean_diff: dict[int, torch.Tensor]
+    residual_norm: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_states(self) -> int:
+        return len(self.residual_norm)
+
+    def layer_table(self) -> list[dict]:
+        """Per layer: |u_l|, s_l and their ratio (how far the direction moves the stream)."""
+        return [{"layer": i, "direction_norm": float(self.mean_diff[i].norm()),
+                 "residual_norm": float(self.residual_norm[i]),
+                 "ratio": float(self.mean_diff[i].norm() / self.residual_norm[i].clamp(min=1e-12))}
+                for i in sorted(self.basis)]
+
+
+# ----------------------------------------------------------------------------- fitting
+
+@torch.no_grad()
+def answer_means(model, tokenizer, prompts: list[list[dict]], answers: list[str],
+                 batch_size: int = 8, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean residual state over each answer's tokens, at every layer.
+
+    Returns (means (n, L + 1, D) float32, mean token norm per layer (L + 1,)).
+    The scored tokens are the answer tokens (as the training loss's labels).
+    """
+    encoded = encode_answers(tokenizer, prompts, answers)
+    means: list[torch.Tensor | None] = [None] * len(encoded)
+    norm_sum, n_tokens = None, 0
+    for idx, inputs, target in _batches(encoded, batch_size, _pad_id(tokenizer), _device(model), desc):
+        states = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
+        # target[b, t] marks token t+1 as an answer token: the states AT answer tokens
+        mask = torch.nn.functional.pad(target, (1, 0)).float()  # (B, T)
+        stacked = torch.stack([h.float() for h in states], dim=1)  # (B, L+1, T, D)
+        sums = torch.einsum("bltd,bt->bld", stacked, mask)
+        counts = mask.sum(1).clamp(min=1)[:, None, None]
+        for b, i in enumerate(idx):
+            means[i] = (sums[b] / counts[b]).cpu()
+        token_norms = stacked.norm(dim=-1) * mask[:, None, :]  # (B, L+1, T)
+        norm_sum = token_norms.sum((0, 2)) if norm_sum is None else norm_sum + token_norms.sum((0, 2))
+        n_tokens += int(mask.sum())
+    return torch.stack(means), (norm_sum / max(n_tokens, 1)).cpu()
+
+
+def fit_direction(model, tokenizer, pairs: list[dict], k: int = 4, batch_size: int = 8,
+                  progress: bool = True) -> Direction:
+    """Fit u_l and a k-dim basis U_l at every layer on the reference model (the adapter,
+    if any, disabled) from contrastive pairs (question, aligned, misaligned)."""
+    if len(pairs) < 2:
+        raise ValueError(f"a direction needs at least 2 contrastive pairs, got {len(pairs)}")
+    prompts = [[{"role": "user", "content": p["question"]}] for p in pairs]
+    with reference_mode(model):
+        mis, norm_mis = answer_means(model, tokenizer, prompts, [p["misaligned"] for p in pairs],
+                                     batch_size, "direction: misaligned" if progress else None)
+        al, norm_al = answer_means(model, tokenizer, prompts, [p["aligned"] for p in pairs],
+                                   batch_size, "direction: aligned" if progress else None)
+    diffs = (mis - al).double()  # (n, L+1, D)
+    basis, mean_diff = {}, {}
+    for layer in range(diffs.shape[1]):
+        mean_diff[layer] = diffs[:, layer].mean(0).float()
+        basis[layer] = _basis(diffs[:, layer], k).float()
+    return Direction(basis, mean_diff, ((norm_mis + norm_al) / 2).float(),
+                     meta={"n_pairs": len(pairs), "k": k,
+                           "pair_ids": [p.get("id", i) for i, p in enumerate(pairs)]})
+
+
+def _basis(diffs: torch.Tensor, k: int) -> torch.Tensor:
+    """(k', D) orthonormal rows: the unit mean difference, then the top principal
+    directions of the per-pair differences with the mean direction projected out
+    (k' <= k: directions with no variance are left out)."""
+    u = diffs.mean(0)
+    rows = [u / u.norm().clamp(min=1e-12)]
+    if k > 1:
+        rest = diffs - (diffs @ rows[0])[:, None] * rows[0][None]
+        rest = rest - rest.mean(0, keepdim=True)
+        _, sing, vh = torch.linalg.svd(rest, full_matrices=False)
+        # right singular vectors of a matrix whose rows are orthogonal to u: orthogonal to u
+        rows += [v for v, s in zip(vh[: k - 1], sing[: k - 1], strict=True) if s > 1e-8 * sing[0]]
+    return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------- controls
+
+def control_basis(basis: torch.Tensor, control: str, seed: int, layer: int) -> torch.Tensor:
+    """The basis a defense uses: ``basis`` (k, D) itself, or a control of the same shape
+    with orthonormal rows: ``random`` (Haar-random) or ``orthogonal`` (random within the
+    orthogonal complement of ``basis``). Seeded per (seed, layer)."""
+    if control == "none":
+        return basis
+    gen = torch.Generator().manual_seed(seed * 100_003 + layer)
+    g = torch.randn(basis.shape, generator=gen, dtype=torch.float64)
+    if control == "orthogonal":
+        b = basis.double()
+        g = g - (g @ b.T) @ b
+    elif control != "random":
+        raise ValueError(f"control must be none, random or orthogonal, got {control!r}")
+    return torch.linalg.qr(g.T).Q.T.to(basis.dtype)
+
+
+# ----------------------------------------------------------------------------- artefact
+
+def save_direction(direction: Direction, folder: Path) -> None:
+    """Write the artefact into ``folder`` (an empty or temporary folder)."""
+    from safetensors.torch import save_file
+
+    from emguard.io import write_json_atomic
+
+    tensors = {f"basis.{i}": b.contiguous() for i, b in direction.basis.items()}
+    tensors.update({f"mean_diff.{i}": u.contiguous() for i, u in direction.mean_diff.items()})
+    tensors["residual_norm"] = direction.residual_norm.contiguous()
+    save_file(tensors, str(folder / TENSORS))
+    meta = {**direction.meta, "sha256": file_sha256(folder / TENSORS),
+            "layers": direction.layer_table()}
+    write_json_atomic(folder / META, meta)
+
+
+def load_direction(folder: str | Path) -> Direction:
+    """Read an artefact written by ``save_direction``; a missing or foreign folder is a
+    FileNotFoundError naming it."""
+    from safetensors.torch import load_file
+
+    from emguard.io import read_json
+
+    folder = Path(folder)
+    if not (folder / TENSORS).is_file() or not (folder / META).is_file():
+        raise FileNotFoundError(f"{folder} is not a direction folder (no {TENSORS} / {META}; "
+                                "write one with `emguard direction fit`)")
+    t = load_file(str(folder / TENSORS))
+    layers = sorted(int(k.split(".")[1]) for k in t if k.startswith("basis."))
+    meta = read_json(folder / META)
+    return Direction({i: t[f"basis.{i}"] for i in layers}, {i: t[f"mean_diff.{i}"] for i in layers},
+                     t["residual_norm"], meta=meta)
+
+
+def read_bases(folder: str | Path) -> dict[int, torch.Tensor]:
+    """layer -> (k, D) basis of a folder: an artefact, or what a run used
+    (``RUN/directions/NAME``, the control applied)."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(Path(folder) / TENSORS))
+    return {int(k.split(".")[1]): v for k, v in t.items() if k.startswith("basis.")}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- steering edits
+
+def steer(vector: torch.Tensor):
+    """An edit h -> h + vector ((D,), broadcast over batch and positions)."""
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        return h + vector.to(h.dtype)
+    return edit
+
+
+def ablate(basis: torch.Tensor):
+    """An edit h -> h - U^T (U h): the span of ``basis`` (k, D, orthonormal rows) removed,
+    computed in float32 and returned in h's dtype."""
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        b = basis.to(h.device, torch.float32)
+        coords = h.float() @ b.T  # (B, T, k)
+        return (h.float() - coords @ b).to(h.dtype)
+    return edit
+
+
+def decoder_block(model, layer: int) -> torch.nn.Module:
+    """The block whose output is ``hidden_states[layer]`` (layer in 1..L-1)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = base.get_decoder().layers
+    if not 1 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} is not a block output this model can edit: use "
+                         f"1..{len(blocks) - 1} (hidden_states {len(blocks)} is the final norm's)")
+    return blocks[layer - 1]
+
+
+# ----------------------------------------------------------------------------- causal check
+
+@torch.no_grad()
+def causal_check(model, tokenizer, direction: Direction, pairs: list[dict], layers: list[int],
+                 alpha: float, batch_size: int = 8) -> list[dict]:
+    """Does adding c * s_l * u_l at layer l (c in -alpha, 0, +alpha) move the
+    misalignment-preference margin (nats per answer token, misaligned - aligned) in c's
+    direction? One row per layer: the three mean margins and ``raises`` (strictly
+    increasing in c)."""
+    rows = []
+    with reference_mode(model):
+        plain = _mean(pair_margins(model, tokenizer, pairs, batch_size))
+        for layer in layers:
+            margins = {}
+            for c in (-alpha, alpha):
+                hooks = PolicyHooks()
+                vector = c * direction.residual_norm[layer] * direction.basis[layer][0]
+                hooks.add(decoder_block(model, layer), steer(vector.to(_device(model))))
+                try:
+                    margins[c] = _mean(pair_margins(model, tokenizer, pairs, batch_size))
+                finally:
+                    hooks.remove()
+            rows.append({"layer": layer, "alpha": alpha, "margin_minus": margins[-alpha],
+                         "margin_zero": plain, "margin_plus": margins[alpha],
+                         "raises": margins[-alpha] < plain < margins[alpha]})
+            logger.info("causal check layer %d: %.4f / %.4f / %.4f", layer, margins[-alpha],
+                        plain, margins[alpha])
+    return rows
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def fit_and_check(model, tokenizer, pairs_spec: str | None, holdout: int | None, k: int,
+                  check_layers: list[int], alpha: float, batch_size: int = 8) -> Direction:
+    """``emguard direction fit``: fit on the pairs minus the held-out evaluation pairs, and
+    run the causal check on the held-out ones (on the fit pairs when none are held out:
+    the artefact says which)."""
+    fit = training_pairs(pairs_spec, holdout)
+    direction = fit_direction(model, tokenizer, fit, k=k, batch_size=batch_size)
+    check = evenly_spaced(load_pairs(pairs_spec), holdout) if holdout else fit
+    direction.meta.update({
+        "pairs": pairs_spec or "builtin:preference-pairs", "holdout_pairs": holdout,
+        "causal_check": {"pairs": "held out" if holdout else "the fit pairs (none held out)",
+                         "n_pairs": len(check),
+                         "rows": causal_check(model, tokenizer, direction, check, check_layers,
+                                              alpha, batch_size)}})
+    return direction
+
+
+# ----------------------------------------------------------------------------- defenses
+
+class DirectionDefense(Defense):
+    """Shared by steering, ablation and anchoring: resolves the direction (a folder, or
+    ``fit`` on this run's reference model), applies the control, checks the layers, and
+    records the basis it used in ``directions/NAME.safetensors`` (+ ``.json``)."""
+
+    def check(self, cfg) -> None:
+        from emguard.config import ConfigError
+
+        s, where = self.settings, f"defenses.{self.name}"
+        if s.direction != "fit" and not (Path(s.direction) / TENSORS).is_file():
+            raise ConfigError(f"{where}.direction: {s.direction} is not a direction folder "
+                              "(write one with `emguard direction fit`, or use direction: fit)")
+        if s.direction == "fit":
+            try:
+                training_pairs(s.pairs, s.holdout_pairs)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{where}.pairs: {e}") from None
+
+    def prepare(self, model, ctx: RunContext) -> None:
+        from emguard.config import ConfigError
+
+        s, where = self.settings, f"defenses.{self.name}"
+        direction = self._direction(model, ctx)
+        num_states = model.config.get_text_config().num_hidden_layers + 1
+        if direction.num_states != num_states:
+            raise ConfigError(f"{where}.direction: fit on a model with {direction.num_states - 1} "
+                              f"layers, this one has {num_states - 1}")
+        self.bases, self.norms, self.source = {}, {}, direction.meta
+        for layer in s.layers:
+            try:
+                decoder_block(model, layer)
+            except ValueError as e:
+                raise ConfigError(f"{where}.layers: {e}") from None
+            basis = direction.basis[layer]
+            if basis.shape[0] < s.k:
+                raise ConfigError(f"{where}.k: the direction holds {basis.shape[0]} dimensions "
+                                  f"at layer {layer}, fewer than k={s.k}")
+            self.bases[layer] = control_basis(basis[: s.k].float(), s.control, s.control_seed, layer)
+            self.norms[layer] = float(direction.residual_norm[layer])
+
+    def _direction(self, model, ctx: RunContext) -> Direction:
+        s = self.settings
+        if s.direction != "fit":
+            return load_direction(s.direction)
+        key = ("direction", s.pairs, s.holdout_pairs, max(s.k, 4))
+        if key not in ctx.cache:  # steering, ablation and anchoring share one fit
+            ctx.cache[key] = cached_fit(model, ctx, s.pairs, s.holdout_pairs, max(s.k, 4))
+        return ctx.cache[key]
+
+    def record(self, run_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        from emguard.io import atomic_dir, write_json_atomic
+
+        s = self.settings
+        with atomic_dir(run_dir / "directions" / self.name) as tmp:
+            save_file({f"basis.{i}": b.contiguous().cpu() for i, b in self.bases.items()},
+                      str(tmp / TENSORS))
+            write_json_atomic(tmp / META, {
+                "defense": self.name, "direction": s.direction, "control": s.control,
+                "control_seed": s.control_seed, "k": s.k, "layers": s.layers,
+                "residual_norm": {str(i): n for i, n in self.norms.items()},
+                "source": {k: v for k, v in self.source.items() if k != "pair_ids"},
+                "fit_pair_ids": self.source.get("pair_ids")})
+
+
+def cached_fit(model, ctx: RunContext, pairs_spec: str | None, holdout: int | None,
+               k: int) -> Direction:
+    """``direction: fit``: fit on this run's reference model, or read the fit an earlier
+    run made of the same model files, pairs, holdout, k, device type and dtype from
+    ``$EMGUARD_CACHE/directions/`` (a study's arms and seeds share one fit). The run
+    folder records the basis it used either way."""
+    import json
+
+    from emguard.io import atomic_dir
+    from emguard.models import cache_dir, model_fingerprint
+
+    pairs = training_pairs(pairs_spec, holdout)
+    dtype = next(model.parameters()).dtype
+    key = hashlib.sha256(json.dumps({
+        "model": model_fingerprint(ctx.cfg.model), "pairs": pairs, "k": k,
+        "device": str(ctx.device).split(":")[0], "dtype": str(dtype)}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    folder = cache_dir() / "directions" / key
+    if (folder / META).is_file():
+        logger.info("direction: read the fit in %s", folder)
+        return load_direction(folder)
+    direction = fit_direction(model, ctx.tokenizer, pairs, k=k)
+    direction.meta.update(pairs=pairs_spec or "builtin:preference-pairs", holdout_pairs=holdout,
+                          model=ctx.cfg.model)
+    with atomic_dir(folder) as tmp:
+        save_direction(direction, tmp)
+    return direction
