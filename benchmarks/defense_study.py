@@ -74,7 +74,8 @@ def analyse(study_dir: Path, name: str) -> dict:
     arms = list(dict.fromkeys(a for a, _ in by))
     complete = [a for a in arms if all((a, s) in by for s in seeds)]
     rng = np.random.default_rng(0)
-    out = {"seeds": seeds, "arms": {}, "vs_misaligned": {}, "vs_kl": {}, "vs_control": {}}
+    out = {"seeds": seeds, "arms": {}, "vs_misaligned": {}, "vs_kl": {}, "vs_control": {},
+           "partial": {}}
     for arm in complete:
         out["arms"][arm] = {k: summarise({s: bootstrap(k, by[(arm, s)][k], None, rng) for s in seeds})
                             for k in KEYS}
@@ -86,6 +87,11 @@ def analyse(study_dir: Path, name: str) -> dict:
         if kl and d != kl:
             c = contrast(by, d, kl, seeds, rng)
             out["vs_kl"][d] = {**c, "verdict": verdict_vs_kl(c)}
+    for arm in (a for a in arms if a not in complete):  # runs still missing: no pooled claim
+        have = [s for s in seeds if (arm, s) in by and (("misaligned", s) in by)]
+        out["partial"][arm] = {k: summarise({s: bootstrap(k, by[(arm, s)][k], by[("misaligned", s)][k], rng)
+                                             for s in have}) for k in KEYS}
+        out["partial"][arm]["seeds"] = have
     for d in defended:
         if "control=none" not in d:
             continue
@@ -133,6 +139,14 @@ def markdown(r: dict, settings: str) -> str:
                    "same norm: a direction effect shows as a shown difference here.")
     lines += table(r["vs_misaligned"], seeds, "Against the undefended run (arm - misaligned)",
                    "Is there EMA at all (misaligned - aligned), and what each defense changes.")
+    if r["partial"]:
+        lines += ["## Arms with runs missing (no pooled claim)", "",
+                  "Arm - misaligned per seed that finished; rerun the study to complete them.", "",
+                  "| arm | measure | seeds | values |", "|---|---|---|---|"]
+        for arm, c in r["partial"].items():
+            for key in KEYS:
+                vals = "; ".join(f"s{s}: {fmt(c[key]['seeds'][s])}" for s in c["seeds"])
+                lines.append(f"| {arm} | {key} | {', '.join(map(str, c['seeds']))} | {vals} |")
     return "\n".join(lines)
 
 
