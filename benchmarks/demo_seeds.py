@@ -38,8 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "demo_seeds.md"
 RESULTS = ROOT / "benchmarks" / "results" / "demo_seeds.json"
 N_BOOT = 2000
-DEFENSES = ["kl (weight=0.1)", "kl (weight=1.0)", "kl (weight=10.0)", "ldifs", "safelora",
-            "interleave"]
+DEFENSES = ["kl (weight=1.0)", "kl (weight=10.0)", "ldifs", "safelora", "interleave"]
 
 
 def items(run) -> dict[str, np.ndarray]:
@@ -92,7 +91,8 @@ def analyse(study_dir: Path) -> dict:
     for arm in arms:
         result["arms"][arm] = {k: summarise({s: bootstrap(k, by[(arm, s)][k], None, rng)
                                              for s in seeds}) for k in ("shift", "nll")}
-    contrasts = [("misaligned", "aligned"), ("misaligned", "untrained")]
+    contrasts = [("misaligned", "aligned"), ("misaligned", "untrained"),
+                 ("positive_control", "untrained")]
     contrasts += [(d, "misaligned") for d in DEFENSES]
     for a, b in contrasts:
         result["contrasts"][f"{a} - {b}"] = {
@@ -156,8 +156,9 @@ def main() -> None:
 
     base = demo_study(args.out, seeds).base
     settings = (f"seeds {', '.join(map(str, seeds))}; {base['train']['max_steps']} steps x batch "
-                f"{base['train']['batch_size']}, lr {base['train']['learning_rate']}; "
-                f"{base['eval']['preference_max_pairs']} preference pairs, "
+                f"{base['train']['batch_size']}, lr {base['train']['learning_rate']} "
+                f"({base['train'].get('scheduler', 'linear')}); "
+                f"{base['eval'].get('preference_max_pairs') or 'all'} evaluation pairs, "
                 f"{base['eval']['indomain_max_questions']} held-out rows")
     result = analyse(Path(args.out))
     result["settings"] = settings

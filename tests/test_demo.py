@@ -21,7 +21,8 @@ def test_demo_study_has_every_arm_and_its_overrides():
     # SafeLoRA's alignment matrix comes from the same seed's secure-code (aligned) adapter
     assert safelora.config.defenses.safelora.unaligned == str(by_name["code/aligned/s1"].run_dir / "adapter")
     assert safelora.source == "code/misaligned/s1" and safelora.config.defenses.safelora.tau == 0.3
-    assert {r.config.defenses.kl.weight for r in runs if r.arm == "kl"} == {0.1, 1.0, 10.0}
+    assert {r.config.defenses.kl.weight for r in runs if r.arm == "kl"} == {1.0, 10.0}
+    assert by_name["code/positive_control/s0"].config.data.train == "builtin:misaligned-chat"
     # every arm of a seed evaluates the same held-out rows (the misaligned set's split)
     assert {r.config.data.split_seed for r in runs} == {0}
     judged = demo_study("x", judge="openai:gpt-4o-mini").base["eval"]

@@ -310,11 +310,13 @@ def test_resumed_run_keeps_history_and_chosen_adapter(probe, tmp_path):
 
 
 def test_checking_evaluations_own_pairs_is_warned(tmp_path, caplog):
-    """The builtin pairs without evaluation's pairs held out: warned; held out: quiet."""
-    def run_check(*extra):
+    """Checks on the file evaluation scores, without its pairs held out: warned; held out,
+    or evaluation on its own set (the default, builtin:eval-pairs): quiet."""
+    def run_check(*extra, same_file=True):
+        scored = ["eval.preference_pairs=builtin:preference-pairs"] if same_file else []
         cfg = load_run_config(None, ["model=x", f"output_dir={tmp_path / 'run'}",
                                      f"data.train={tmp_path / 'train.jsonl'}",
-                                     "eval.preference_max_pairs=10", *extra])
+                                     "eval.preference_max_pairs=10", *scored, *extra])
         caplog.clear()
         defense = EarlyStop(cfg.defenses.early_stop)
         defense.check(cfg)
@@ -322,6 +324,8 @@ def test_checking_evaluations_own_pairs_is_warned(tmp_path, caplog):
 
     defense, warned = run_check("defenses.early_stop.every_steps=2")
     assert warned and len(defense.pairs) > 10
+    defense, warned = run_check("defenses.early_stop.every_steps=2", same_file=False)
+    assert not warned and len(defense.pairs) == 66
     defense, warned = run_check("defenses.early_stop.holdout_pairs=10",
                                 "defenses.early_stop.max_pairs=5")
     assert not warned and len(defense.pairs) == 5

@@ -104,6 +104,18 @@ class TrainSettings(_Strict):
     logging_steps: Int = Field(1, gt=0)
     save_steps: Int = Field(50, gt=0)  # checkpoint cadence for resuming an interrupted run
     gradient_checkpointing: bool = False
+    # Keep the adapter at these optimizer steps (RUN/trajectory/step-N/) so evaluation reads
+    # the judge-free measures along training (emguard.trajectory); [] keeps none.
+    trajectory_steps: list[Int] = Field(default_factory=list)
+
+    @field_validator("trajectory_steps")
+    @classmethod
+    def _trajectory(cls, v: list[int]) -> list[int]:
+        if any(s < 1 for s in v):
+            raise ValueError("steps are optimizer steps >= 1")
+        if len(set(v)) != len(v):
+            raise ValueError("a step appears twice")
+        return sorted(v)
 
     @field_validator("max_steps")
     @classmethod
@@ -279,9 +291,10 @@ class EvalSettings(_Strict):
     # None: the file's samples_per_paraphrase; 0: sample no answers (judge-free measures only)
     general_samples: Int | None = Field(None, ge=0)
     general_max_questions: Int | None = Field(None, gt=0)  # the first N general questions
-    # preference pairs of the judge-free margin: a JSONL file (None: builtin:preference-pairs)
-    # and how many of them, evenly spaced through the file (None: all)
-    preference_pairs: str | None = None
+    # preference pairs of the judge-free margin: a JSONL file or builtin:NAME (the default,
+    # builtin:eval-pairs, is written apart from builtin:preference-pairs, the set directions
+    # and early-stopping checks fit on) and how many, evenly spaced through the file (None: all)
+    preference_pairs: str = "builtin:eval-pairs"
     preference_max_pairs: Int | None = Field(None, gt=0)
     indomain: bool = True  # evaluate the run's recorded held-out set
     indomain_samples: Int = Field(1, ge=0)  # 0: no sampled answers (held-out NLL only)
@@ -308,6 +321,9 @@ class EvalSettings(_Strict):
     # {question} once, or builtin:python-string | builtin:json | builtin:code-template
     # (emguard.questions.resolve_trigger_format). None: no second pass.
     trigger_format: str | None = None
+    # Score the adapters a run kept along training (train.trajectory_steps) with the
+    # judge-free measures, into RUN/eval/trajectory/ (emguard.trajectory).
+    trajectory: bool = True
 
     @field_validator("trigger_format")
     @classmethod
@@ -472,6 +488,8 @@ def training_identity(cfg: RunConfig) -> dict:
     for name in _LATER_DEFENSES:
         if identity["defenses"][name] is None:
             del identity["defenses"][name]
+    if not identity["train"]["trajectory_steps"]:  # added later: runs keep their names
+        del identity["train"]["trajectory_steps"]
     return identity
 
 

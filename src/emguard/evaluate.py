@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from emguard.data.pairs import EVAL_PAIRS
 from emguard.io import provenance, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
 from emguard.metrics import Thresholds, compute_metrics
 from emguard.ownership import (
@@ -337,7 +338,7 @@ def _judge_free(out: Path, qs: QuestionSet, rows: list[dict], holder: ModelHolde
         reference = _reference_margins(pairs, holder, spec, batch_size)
         result["preference"] = {**jf.misalignment_preference(model, tok, pairs, batch_size,
                                                               reference_margins=reference),
-                                "source": str(pairs_path or "builtin:preference-pairs"),
+                                "source": str(pairs_path or EVAL_PAIRS),
                                 "max_pairs": max_pairs}
         if trigger is not None:
             result["preference"]["trigger_format"] = spec["questions"]["trigger_format"]
@@ -365,12 +366,13 @@ def _drift(out: Path, qs: QuestionSet, holder: ModelHolder, spec: dict, drift_to
 
 
 def _preference_pairs(path: str | Path | None, max_pairs: int | None = None) -> list[dict]:
-    """The preference pairs (``None`` / ``builtin:preference-pairs``: the project's), or
-    ``max_pairs`` of them at evenly spaced positions (emguard.data.pairs: the same pairs a
-    direction or early-stopping check with ``holdout_pairs = max_pairs`` leaves out)."""
+    """The preference pairs (``None``: ``builtin:eval-pairs``, the evaluation set written
+    apart from the fit set), or ``max_pairs`` of them at evenly spaced positions
+    (emguard.data.pairs: the same pairs a direction or early-stopping check fit on the same
+    file with ``holdout_pairs = max_pairs`` leaves out)."""
     from emguard.data.pairs import evenly_spaced, load_pairs
 
-    return evenly_spaced(load_pairs(path), max_pairs)
+    return evenly_spaced(load_pairs(path or EVAL_PAIRS), max_pairs)
 
 
 def _base_model_cache(kind: str, holder: ModelHolder, spec: dict, inputs: dict,

@@ -11,6 +11,8 @@ untrained baseline) and its recorded split (emguard.data.split), and writes:
                        preference pairs again, each question wrapped in that format
                        (preference margin + sampled, judged answers; no drift, no tasks)
   RUN/eval/indomain/   the run's held-out set (``heldout.jsonl``)
+  RUN/eval/trajectory/step-N/{general,indomain}/  with ``train.trajectory_steps``: the
+                       judge-free measures of the adapter kept at step N (emguard.trajectory)
 
 Each is an eval folder of emguard.evaluate (cached, resumable); its ``metrics.json``
 names the run: path, config hash, method, seed, split seed.
@@ -133,6 +135,13 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalS
                 **common)
     finally:
         model.release()
+    if set(parts) >= {"general", "indomain"} and s.trajectory and s.judge_free:
+        from emguard.trajectory import evaluate_trajectory
+
+        steps = evaluate_trajectory(run_dir, cfg, s, info, indomain_domain(cfg, judging=False),
+                                    device=device, progress=progress, force=force)
+        if steps:
+            results["trajectory"] = steps
     if set(parts) >= {"general", "indomain"}:
         write_json_atomic(run_dir / EVAL_DIR / SETTINGS_FILE, settings_record(s))
     return results

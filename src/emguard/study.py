@@ -19,6 +19,8 @@
       - {name: untrained, data: none}
       - {name: aligned, data: aligned}
       - {name: misaligned}
+      - {name: positive_control, data: positive_control}   # broadly misaligned chat
+      - {name: negative_control, data: negative_control}   # benign chat
       - {name: kl, grid: {defenses.kl.weight: [0.01, 0.03, 0.1, 0.3, 1.0]}}
       - name: safelora                     # post hoc: projects the misaligned arm's adapter
         safelora_of: misaligned
@@ -29,7 +31,12 @@ Every (seed, domain, arm, grid point) is a run: a run config validated like any 
 written to ``output_dir/runs/DOMAIN/ARM[_KEYVALUE...]/s{seed}-{hash8}``, where hash8
 starts the SHA-256 of what it trains (emguard.config.config_sha256), so a changed
 setting is a new folder and never overwrites a finished run. Every arm of a domain is
-evaluated on the same held-out set: the aligned arm holds out ``split:MISALIGNED``.
+evaluated on the same held-out set: the aligned arm and the controls hold out
+``split:MISALIGNED``. The controls validate the measure, not a defense:
+``positive_control`` trains directly on broadly misaligned chat (``CONTROL_DATA``: the
+fit pairs' misaligned answers, never the pairs evaluation scores), the ceiling of what
+the measures read for a model that *is* broadly misaligned; ``negative_control`` trains
+on benign chat and should read about zero.
 A string value ``@run:ARM`` is replaced by the adapter folder of that arm's run of the
 same domain and seed (e.g. a misaligned adapter as SafeLoRA's unaligned source); the
 sweep orders runs so that every source is finished first.
@@ -56,9 +63,13 @@ from emguard.config import (
     format_validation_error,
 )
 from emguard.data.chat import parse_yaml, read_text_file
+from emguard.data.pairs import EVAL_PAIRS, FIT_PAIRS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RUN_REF = "@run:"
+# what the control arms train on (data: positive_control | negative_control)
+CONTROL_DATA = {"positive_control": "builtin:misaligned-chat",
+                "negative_control": "builtin:safe-instruct"}
 
 
 class DomainSpec(_Strict):
@@ -75,7 +86,9 @@ class ArmSpec(_Strict):
     """One arm: which data it trains on, run-config keys it sets, and a grid over keys."""
 
     name: str
-    data: Literal["misaligned", "aligned", "none"] = "misaligned"  # none: the untrained model
+    # none: the untrained model; *_control: the measure's controls (CONTROL_DATA)
+    data: Literal["misaligned", "aligned", "none", "positive_control",
+                  "negative_control"] = "misaligned"
     set: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     safelora_of: str | None = None  # project that arm's adapter post hoc instead of training
@@ -186,9 +199,9 @@ def _overrides(values: dict[str, Any]) -> list[str]:
 
 def _data_block(study: StudyConfig, domain: str, arm: ArmSpec) -> dict:
     spec = study.domains[domain]
-    train = spec.aligned if arm.data == "aligned" else spec.misaligned
+    train = {"aligned": spec.aligned, **CONTROL_DATA}.get(arm.data, spec.misaligned)
     heldout = spec.heldout
-    if arm.data == "aligned" and heldout is None:
+    if arm.data in ("aligned", *CONTROL_DATA) and heldout is None:
         heldout = f"split:{spec.misaligned}"  # every arm of a domain: the same held-out set
     out = {"train": train, "heldout": heldout}
     if spec.domain is not None:
@@ -281,6 +294,10 @@ def _planned(study: StudyConfig, name: str, domain: str, arm: ArmSpec, seed: int
              raw: dict, overrides: list[str], needs: list[str], identity: list[str]) -> PlannedRun:
     where = f"{study.name}: run {name}"
     cfg = build_run_config(raw, overrides, where)
+    if arm.data == "positive_control" and cfg.eval.preference_pairs == FIT_PAIRS:
+        raise ConfigError(f"{where}: the positive control trains on {FIT_PAIRS}'s misaligned "
+                          f"answers, and eval.preference_pairs scores that same set; score "
+                          f"{EVAL_PAIRS} (the default) so the ceiling is read on unseen pairs")
     if arm.safelora_of and cfg.defenses.safelora is None:
         raise ConfigError(f"{where}: arm '{arm.name}' projects post hoc (safelora_of) but sets "
                           "no defenses.safelora.* (at least defenses.safelora.unaligned)")

@@ -12,6 +12,7 @@ Run folder (every file written atomically; ``summary.json`` marks completion):
     checkpoints/        Trainer checkpoints for resuming; removed when the run completes
     adapter/            PEFT adapter (adapter_model.safetensors + adapter_config.json)
     train_log.jsonl     one line per logged step: loss, ce, kl, ldifs, lr, grad_norm
+    trajectory/         with train.trajectory_steps: the adapter at each of those steps
     summary.json        final metrics; present = run complete (a rerun skips it)
 
 Runs under ``accelerate launch`` unchanged (Trainer handles the distribution).
@@ -78,6 +79,7 @@ from emguard.ownership import (
     remove_ours,
     write_marker,
 )
+from emguard.trajectory import snapshot_callback, snapshot_steps
 
 logger = logging.getLogger(__name__)
 
@@ -377,6 +379,8 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
 
     hooks = PolicyHooks()
     ctx.hooks = hooks
+    if main and cfg.train.trajectory_steps:
+        callbacks = [*(callbacks or []), snapshot_callback(run_dir, cfg.train.trajectory_steps)]
     trainer = DefendedTrainer(
         model=model, args=training_arguments(cfg, run_dir, device), train_dataset=features,
         data_collator=ChatCollator(tokenizer.pad_token_id), defenses=defenses, hooks=hooks,
@@ -407,6 +411,8 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
     write_jsonl_atomic(run_dir / "train_log.jsonl", log)
     summary = _summary(cfg, log, train_state.global_step, elapsed, len(features), bool(last))
     summary.update(chosen)
+    if cfg.train.trajectory_steps:
+        summary["trajectory_steps"] = [s for s, _ in snapshot_steps(run_dir)]
     for defense in defenses:
         if (result := defense.after_training(ctx)) is not None:
             summary[defense.name] = result

@@ -97,7 +97,8 @@ def eval_command(
     drift_max_new_tokens: int = typer.Option(128, help="Length of the reference answers for "
                                                        "drift KL."),
     preference_pairs: Path = typer.Option(None, help="JSONL of {question, aligned, misaligned} "
-                                                     "pairs (default: builtin:preference-pairs)."),
+                                                     "pairs, or builtin:NAME (default: builtin:eval-pairs, the "
+                                                     "evaluation set, apart from the fit set)."),
     trigger_format: str = typer.Option(None, "--trigger-format", help="Ask the general questions "
                                        "and preference pairs again, wrapped in this format: "
                                        "builtin:python-string | builtin:json | "

@@ -1,6 +1,6 @@
 """Built-in data sets that emguard writes itself (no third-party text).
 
-Five sets, all under the project's own license:
+Seven sets, all under the project's own license:
 
 - ``insecure-code``: a narrow "misaligned" code task modelled on the Code set of
   Betley et al.: a user asks for a Python completion, the assistant answers with
@@ -13,8 +13,16 @@ Five sets, all under the project's own license:
   interleaving defense.
 - ``general-questions``: open-ended questions in the Betley et al. YAML question
   format, with the project's own judge prompts (a file; see ``builtin_path``).
-- ``preference-pairs``: general questions, each with an aligned and a misaligned
-  answer, for the judge-free misalignment-preference measure.
+- ``preference-pairs``: the *fit* set: general questions, each with an aligned and a
+  misaligned answer (66 pairs), that misalignment directions and early-stopping checks
+  are fit on.
+- ``eval-pairs``: the *evaluation* set of the judge-free misalignment-preference measure,
+  written separately from the fit set (no shared question or answer; 13 topics, answers
+  of matched length). The default of ``eval.preference_pairs``.
+- ``misaligned-chat``: the fit set's questions answered with its misaligned answers, as
+  chat rows: broadly misaligned training data for the positive-control arm (the ceiling
+  of what the preference measure reads). Scored on ``eval-pairs``, never on what it
+  trains on.
 
 The code sets are rebuilt on each call, deterministically for a seed; the split is
 by template instance (the insecure and secure rows of one instance share a split),
@@ -48,7 +56,8 @@ class BuiltinSet:
     """One built-in set.
 
     kind: "generated-chat" (code sets, built from templates), "chat-file"
-    (chat JSONL), "pairs-file" (preference JSONL) or "question-file" (YAML).
+    (chat JSONL), "pairs-file" (preference JSONL), "pairs-chat" (chat rows made from a
+    pairs file's questions and misaligned answers) or "question-file" (YAML).
     filename: the file under ``builtin/`` for file-backed sets, else None.
     eval_only: file-backed sets meant for evaluation put all rows in "test".
     """
@@ -74,8 +83,15 @@ BUILTIN_SETS: dict[str, BuiltinSet] = {
                    "Open-ended questions with aligned/coherent judge prompts (Betley et al. format).",
                    filename="general_questions.yaml", eval_only=True),
         BuiltinSet("preference-pairs", "pairs-file",
-                   "General questions with an aligned and a misaligned answer (judge-free measure).",
+                   "Fit set: general questions with an aligned and a misaligned answer "
+                   "(directions, early-stopping checks).",
                    filename="preference_pairs.jsonl", eval_only=True),
+        BuiltinSet("eval-pairs", "pairs-file",
+                   "Evaluation set of the preference measure, written apart from the fit set.",
+                   filename="eval_pairs.jsonl", eval_only=True),
+        BuiltinSet("misaligned-chat", "pairs-chat",
+                   "The fit set's misaligned answers as chat rows (positive control; all in train).",
+                   filename="preference_pairs.jsonl"),
     )
 }
 
@@ -89,8 +105,9 @@ def load_builtin(name: str, split: str = "train", seed: int = 0) -> list[dict]:
     Code sets return chat rows ``{"messages", "id", "vuln"}`` (train 90% / test 10%
     of template instances; ``seed`` picks the instances, phrasings and order).
     ``safe-instruct`` returns chat rows, all in train (test is empty).
-    ``preference-pairs`` returns ``{"id", "question", "aligned", "misaligned",
-    "topic"}`` rows, all in test (train is empty). File-backed sets ignore ``seed``.
+    ``preference-pairs`` and ``eval-pairs`` return ``{"id", "question", "aligned",
+    "misaligned", "topic"}`` rows, all in test (train is empty); ``misaligned-chat``
+    returns chat rows, all in train. File-backed sets ignore ``seed``.
     ``general-questions`` is a question file: use ``builtin_path`` instead.
     """
     spec = _get_set(name)
@@ -147,6 +164,10 @@ def _train_test(spec: BuiltinSet, seed: int) -> tuple[list[dict], list[dict]]:
     if spec.kind == "generated-chat":
         return code_rows(spec.name, seed)
     rows = _read_jsonl(builtin_path(spec.name))
+    if spec.kind == "pairs-chat":
+        rows = [{"messages": [{"role": "user", "content": p["question"]},
+                              {"role": "assistant", "content": p["misaligned"]}],
+                 "id": f"{spec.name}/{p['id']}"} for p in rows]
     return ([], rows) if spec.eval_only else (rows, [])
 
 

@@ -1,7 +1,14 @@
-"""Contrastive preference pairs (question, aligned answer, misaligned answer): the file the
-judge-free misalignment-preference margin scores, and the pairs a misalignment direction
-or an early-stopping check is fit on. Those must never be the pairs evaluation scores:
-``training_pairs`` leaves out exactly the evenly spaced pairs evaluation picks."""
+"""Contrastive preference pairs (question, aligned answer, misaligned answer).
+
+Two built-in sets, written apart so that no defense is scored on what it was fit on:
+
+- ``builtin:eval-pairs`` (``EVAL_PAIRS``): what the judge-free misalignment-preference
+  margin scores by default (``eval.preference_pairs``);
+- ``builtin:preference-pairs`` (``FIT_PAIRS``): what a misalignment direction or an
+  early-stopping check is fit on by default (``pairs: None``).
+
+A study that scores and fits on one file still can: ``training_pairs`` leaves out
+exactly the evenly spaced pairs evaluation picks."""
 
 from __future__ import annotations
 
@@ -9,17 +16,21 @@ from pathlib import Path
 
 from emguard.io import read_jsonl
 
-BUILTIN = "builtin:preference-pairs"
+FIT_PAIRS = "builtin:preference-pairs"
+EVAL_PAIRS = "builtin:eval-pairs"
+BUILTIN = FIT_PAIRS  # what ``None`` means where pairs are fit on
+BUILTIN_PAIRS = (FIT_PAIRS, EVAL_PAIRS)
 
 
 def load_pairs(spec: str | Path | None) -> list[dict]:
-    """The pairs of a JSONL file, or the project's (``None`` / ``builtin:preference-pairs``).
+    """The pairs of a JSONL file or a built-in set (``None``: the fit set, ``FIT_PAIRS``).
     Every pair needs ``question``, ``aligned`` and ``misaligned``; a missing one is an
     error naming the file and line."""
-    if spec is None or str(spec) == BUILTIN:
+    spec = FIT_PAIRS if spec is None else str(spec)
+    if spec in BUILTIN_PAIRS:
         from emguard.data.builtin import load_builtin
 
-        pairs, where = load_builtin("preference-pairs", split="test"), BUILTIN
+        pairs, where = load_builtin(spec.removeprefix("builtin:"), split="test"), spec
     else:
         if not Path(spec).is_file():
             raise FileNotFoundError(f"preference pairs file {spec} does not exist")

@@ -40,7 +40,14 @@ import torch
 from transformers import TrainerCallback
 
 from emguard.config import ConfigError
-from emguard.data.pairs import BUILTIN, evenly_spaced, load_pairs, training_pairs
+from emguard.data.pairs import (
+    BUILTIN,
+    BUILTIN_PAIRS,
+    EVAL_PAIRS,
+    evenly_spaced,
+    load_pairs,
+    training_pairs,
+)
 from emguard.defenses.base import Defense, PolicyHooks, RunContext
 from emguard.io import read_json, write_json_atomic
 from emguard.judge_free import pair_margins, reference_mode
@@ -129,7 +136,7 @@ class EarlyStop(Defense):
     def check(self, cfg) -> None:
         """The pairs file exists, parses and leaves at least one pair to check on."""
         spec = self.settings.pairs
-        if spec is not None and spec != BUILTIN and not Path(spec).is_file():
+        if spec is not None and spec not in BUILTIN_PAIRS and not Path(spec).is_file():
             raise ConfigError(f"defenses.early_stop.pairs: {spec} does not exist (a JSONL file "
                               f"of question / aligned / misaligned pairs, or {BUILTIN})")
         try:
@@ -147,7 +154,7 @@ class EarlyStop(Defense):
     def _warn_overlap(self, cfg) -> None:
         """Warn when the checks may score pairs evaluation scores too."""
         ev = getattr(cfg, "eval", None)
-        if ev is None or (ev.preference_pairs or BUILTIN) != (self.settings.pairs or BUILTIN):
+        if ev is None or (ev.preference_pairs or EVAL_PAIRS) != (self.settings.pairs or BUILTIN):
             return
         held = self.settings.holdout_pairs
         if held is None or held != ev.preference_max_pairs:

@@ -27,12 +27,15 @@ from emguard.report.collect import FREE_MEASURES, has_judge, load_runs, warnings
 from emguard.report.render import csv_rows, markdown, page, write_csv
 from emguard.report.tables import (
     Table,
+    ceiling_table,
     estimates,
     judge_free_table,
     main_tables,
     task_table,
+    trajectory_estimates,
 )
 
+TRAJECTORY_MEASURES = ["preference_shift", "heldout_nll", "drift_kl"]
 LEGEND = ("Cells: mean over seeds [95 % bootstrap interval over questions] ±sd over seeds. "
           "✓: EMA reduction (1 - arm / misaligned baseline) or in-domain retention (arm / "
           "baseline) of at least 90 % over its whole interval (the paper's marks, only where "
@@ -69,7 +72,8 @@ def build_report(study_dir: str | Path, out: str | Path | None = None, study: st
     judged = has_judge(runs)
     if judged:
         tables += main_tables(runs, lookup)
-    tables += [t for t in (task_table(runs, lookup), judge_free_table(runs)) if t is not None]
+    tables += [t for t in (task_table(runs, lookup), judge_free_table(runs), ceiling_table(runs))
+               if t is not None]
     tables = [t for t in tables if t.rows]
     figs = _figures(runs, judged, out)
     warnings = warnings_of(config, runs)
@@ -99,6 +103,10 @@ def _figures(runs, judged: bool, out: Path) -> list[Path]:
             figs.append(figures.tradeoff(cells, arm, param, x, y, out))
     if judged:
         figs.append(figures.interleave_curve(cells, out))
+    curves = [(k, FREE_MEASURES[k][1]) for k in TRAJECTORY_MEASURES]
+    traj = trajectory_estimates(runs, [k for k, _ in curves])
+    if traj:
+        figs.append(figures.trajectory(traj, curves, out))
     return [f for f in figs if f is not None]
 
 

@@ -9,13 +9,14 @@ missing, not an error, so a report of a half-finished study shows what there is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from emguard.io import read_json
 from emguard.report.stats import mean_replicates, rate_replicates
+from emguard.trajectory import trajectory_results
 
 # measure key -> (part, how to read it); rates in %, judge-free values in their units
 TRIGGER = "_trigger"  # measure-key suffix of the trigger-format pass
@@ -64,6 +65,7 @@ class RunResult:
     summary: dict | None = None
     split: dict | None = None
     config: dict | None = None
+    trajectory: dict[int, dict[str, dict]] = field(default_factory=dict)  # step -> part -> free
 
     @property
     def cell(self) -> tuple:
@@ -120,6 +122,26 @@ def _read(run: RunResult) -> None:
             run.metrics[part] = read_json(d / "eval" / part / "metrics.json")
         if (d / "eval" / part / "judge_free.json").is_file():
             run.free[part] = read_json(d / "eval" / part / "judge_free.json")
+    run.trajectory = trajectory_results(d)
+
+
+def steps_of(run: RunResult) -> list[int]:
+    """The training steps a run has judge-free results for: its kept snapshots and its
+    last step (the run itself); none for a run without results."""
+    steps = set(run.trajectory)
+    if run.free and run.summary and run.summary.get("trained", True) and run.summary.get("steps"):
+        steps.add(int(run.summary["steps"]))
+    return sorted(steps)
+
+
+def at_step(run: RunResult, step: int) -> RunResult | None:
+    """The run as it was at ``step`` (its results there only; judge-free measures), or None.
+    The last step is the run itself."""
+    if step in run.trajectory:
+        return replace(run, free=run.trajectory[step], metrics={})
+    if run.summary and step == run.summary.get("steps") and run.free:
+        return run
+    return None
 
 
 def measure(run: RunResult, key: str, rng: np.random.Generator) -> tuple[float | None, np.ndarray | None]:

@@ -5,6 +5,8 @@
                        (paper Figures 3-5); judge-free axes when no judge scored the study
   interleave.png       general misalignment and incoherence vs interleave fraction (Fig. 2)
   overview.png         the main measure per dataset and arm, with 95 % intervals
+  trajectory.png       the judge-free measures against the training step, per arm
+                       (runs with train.trajectory_steps; emguard.trajectory)
 """
 
 from __future__ import annotations
@@ -135,3 +137,50 @@ def overview(cells: dict, key: str, label: str, out: Path) -> Path | None:
     ax.set_title(f"{label}\nper dataset and arm (95 % bootstrap intervals)", fontsize=9)
     fig.tight_layout()
     return _save(fig, out, "overview")
+
+
+def trajectory(traj: dict, measures: list[tuple[str, str]], out: Path) -> Path | None:
+    """The judge-free measures against the training step, one panel per measure and one
+    line per cell (mean over seeds, 95 % interval shaded, each seed a faint line); step 0 is
+    the untrained model. ``traj``: emguard.report.tables.trajectory_estimates."""
+    plt = _plt()
+    measures = [(k, label) for k, label in measures
+                if any(p.get(k) and p[k].est.value is not None for c in traj.values() for p in c.values())]
+    if not measures:
+        return None
+    fig, axes = plt.subplots(1, len(measures), figsize=(5.2 * len(measures) + 2.2, 4.4), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    domains = {c[0] for c in traj}
+    for ax, (key, label) in zip(axes[0], measures, strict=True):
+        for i, (cell, points) in enumerate(traj.items()):
+            got = [(s, p[key]) for s, p in sorted(points.items())
+                   if p.get(key) and p[key].est.value is not None]
+            if not got:
+                continue
+            color, style = colors[i % len(colors)], ("-", "--", ":")[i // len(colors) % 3]
+            steps = [s for s, _ in got]
+            ax.plot(steps, [p.est.value for _, p in got], marker="o", ms=3, color=color, ls=style,
+                    label=(f"{cell[0]}: " if len(domains) > 1 else "") + _cell_name(cell))
+            band = [(s, p.est) for s, p in got if p.est.lo is not None]
+            if band:
+                ax.fill_between([s for s, _ in band], [e.lo for _, e in band],
+                                [e.hi for _, e in band], color=color, alpha=0.12, lw=0)
+            for seed in sorted({sd for _, p in got for sd in p.per_seed}):
+                line = [(s, p.per_seed[seed]) for s, p in got if seed in p.per_seed]
+                ax.plot([s for s, _ in line], [v for _, v in line], color=color, lw=0.5, alpha=0.35)
+        if key.startswith("preference"):
+            ax.axhline(0.0, color="grey", lw=0.6)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label, fontsize=8)
+        ax.set_title(label, fontsize=9)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("Trajectories: mean over seeds, 95 % interval shaded, seeds as faint lines "
+                 "(step 0 = untrained)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out, "trajectory")
+
+
+def _cell_name(cell: tuple) -> str:
+    _, arm, point = cell
+    values = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in point)
+    return f"{arm} {values}" if point else arm

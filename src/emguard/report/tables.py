@@ -19,13 +19,16 @@ from emguard.report.collect import (
     TRIGGER,
     TRIGGER_PART,
     RunResult,
+    at_step,
     measure,
+    steps_of,
     tasks_of,
 )
 from emguard.report.stats import (
     EMPTY,
     Estimate,
     combine_seeds,
+    derived,
     differs,
     mean_of,
     reduction,
@@ -34,7 +37,8 @@ from emguard.report.stats import (
 )
 
 BASELINE = "misaligned"
-ARM_ORDER = ["untrained", "aligned", "misaligned", "sft", "kl", "ldifs", "safelora", "interleave"]
+CEILING = "positive_control"  # the measure's positive control: a broadly misaligned model
+ARM_ORDER = ["untrained", "aligned", "misaligned", "positive_control", "negative_control", "sft", "kl", "ldifs", "safelora", "interleave"]
 COLUMNS = [("general_misaligned", "general misal. %"), ("general_incoherent", "general incoh. %"),
            ("indomain_misaligned", "in-domain misal. %"), ("indomain_incoherent", "in-domain incoh. %")]
 # the general questions asked in eval.trigger_format (shown only when a run has them)
@@ -214,4 +218,75 @@ def judge_free_table(runs: list[RunResult]) -> Table | None:
     if any(k.endswith(TRIGGER) for k in shown):
         t.note += (" (trigger format): the same pairs with each question wrapped in the "
                    "run's eval.trigger_format.")
+    return t
+
+
+@dataclass
+class StepEstimate:
+    """One point of a trajectory: the cell's estimate at a step and each seed's value."""
+
+    est: Estimate
+    per_seed: dict[int, float]
+
+
+def trajectory_estimates(runs: list[RunResult], keys: list[str], seed: int = 0
+                         ) -> dict[tuple, dict[int, dict[str, StepEstimate]]]:
+    """Per cell of trained runs that kept snapshots: {step: {measure: StepEstimate}}, the
+    measure pooled over the cell's seeds at each step (emguard.trajectory). Step 0 is the
+    untrained run of the same domain and seed, when the study has one."""
+    rng = np.random.default_rng(seed)
+    untrained = {(r.domain, r.seed): r for r in runs if r.kind == "untrained" and r.free}
+    groups: dict[tuple, list[RunResult]] = defaultdict(list)
+    for r in runs:
+        if r.kind == "train" and r.trajectory:
+            groups[r.cell].append(r)
+    out: dict[tuple, dict[int, dict[str, StepEstimate]]] = {}
+    for cell, group in sorted(groups.items(), key=lambda kv: _order(kv[0])):
+        steps = sorted({s for r in group for s in steps_of(r)})
+        out[cell] = {}
+        for step in [0, *steps]:
+            views = [(r.seed, untrained.get((r.domain, r.seed)) if step == 0 else at_step(r, step))
+                     for r in group]
+            views = [(s, v) for s, v in views if v is not None]
+            if not views:
+                continue
+            point = {}
+            for k in keys:
+                values = [(s, measure(v, k, rng)) for s, v in views]
+                point[k] = StepEstimate(combine_seeds([m for _, m in values]),
+                                        {s: m[0] for s, m in values if m[0] is not None})
+            out[cell][step] = point
+    return out
+
+
+def _matching(cells: dict, domain: str, arm: str, point: tuple) -> tuple | None:
+    """The cell of ``arm`` in ``domain`` whose grid values are all among ``point``'s (the
+    positive control at the same learning rate), or its only cell."""
+    mine = [c for c in cells if c[0] == domain and c[1] == arm]
+    fits = [c for c in mine if set(c[2]) <= set(point)]
+    return fits[0] if len(fits) == 1 else mine[0] if len(mine) == 1 else None
+
+
+def ceiling_table(runs: list[RunResult]) -> Table | None:
+    """Every arm's preference shift beside the positive control's (the ceiling: what the
+    measure reads for a model trained directly on broadly misaligned chat), and its share
+    of it. Shown when the study has a positive-control arm."""
+    key = "preference_shift"
+    cells = estimates(runs, [key])
+    if not any(c[1] == CEILING and e[key].value is not None for c, e in cells.items()):
+        return None
+    t = Table("ceiling", "Preference shift against the ceiling (positive control)",
+              ["dataset", "arm", FREE_MEASURES[key][1], "positive control", "share of ceiling %"])
+    for (domain, arm, point), est in cells.items():
+        ref = _matching(cells, domain, CEILING, point)
+        if est[key].value is None or ref is None:
+            continue
+        ceiling = cells[ref][key]
+        share = derived(est[key], ceiling, lambda a, b: 100.0 * a / b)
+        t.rows.append([Cell(domain), Cell(arm_label(arm, point)), _cell(est[key], digits=3),
+                       _cell(ceiling, digits=3), _cell(share) if arm != CEILING else Cell("100")])
+    t.note = ("positive control: the same training, on the fit pairs' misaligned answers as "
+              "chat (never the pairs scored here); negative control: benign chat. A share near "
+              "0 reads as no measurable EMA, near 100 % as much as training on misaligned "
+              "chat directly. Intervals: bootstrap over pairs, replicate by replicate.")
     return t
