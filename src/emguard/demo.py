@@ -1,8 +1,9 @@
 """The demo: a small study on the embedded model, run through the sweep and the report.
 
-``configs/demo.yaml`` (beside this module) is an ordinary study: the untrained model, the
-aligned control (secure code), the misaligned fine-tune (insecure code), the four defenses
-at the paper's settings and KL at lambda 1 and 10, on SmolLM2-135M-Instruct and the
+``configs/demo.yaml`` (beside this module) is an ordinary study in the regime the regime
+study chose (docs/regime.md): the untrained model, the aligned control (secure code), the
+misaligned fine-tune (insecure code), the positive control (the ceiling of the measure),
+KL at lambda 1 and 10, LDIFS, SafeLoRA and interleaving, on SmolLM2-135M-Instruct and the
 built-in code sets. ``run_demo`` adjusts it (folder, seeds, steps, judge), runs it with
 ``emguard.sweep.run_sweep`` (finished runs are skipped, so a rerun continues) and writes
 the report with ``emguard.report.build_report``. There is no second measurement path:

@@ -23,9 +23,9 @@ def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Study folder: runs, "
                              "sweep log, report."),
     seeds: str = typer.Option("0", help="Comma-separated seeds, e.g. 0,1,2 (each adds 7 "
-                              "fine-tunes)."),
+                              "fine-tunes and a SafeLoRA projection)."),
     steps: int = typer.Option(None, min=1, help="Optimizer steps per fine-tune (default: the "
-                              "demo study's 6)."),
+                              "demo study's 12, the regime study's choice)."),
     model: str = typer.Option(None, help="Model spec (default: the embedded SmolLM2-135M-Instruct)."),
     judge: str = typer.Option(None, help="Also judge sampled answers: openai:MODEL (key from "
                               "$OPENAI_API_KEY), openai:MODEL@URL or local:MODEL. Default: "
@@ -34,8 +34,10 @@ def demo_command(
                                         "e.g. --set data.max_length=1024 (repeatable)."),
 ) -> None:
     """Run the demo study (emguard/configs/demo.yaml): untrained, aligned control, misaligned
-    fine-tune, KL (lambda 0.1, 1, 10), LDIFS, SafeLoRA and interleaving on the embedded model,
-    then print the main table and write the report (Markdown, CSV, figures, one HTML page).
+    fine-tune, positive control (the ceiling), KL (lambda 1, 10), LDIFS, SafeLoRA and
+    interleaving on the embedded model in the regime the regime study chose (12 steps at lr
+    5e-4), then print the main table and write the report (Markdown, CSV, figures, one HTML
+    page).
 
     A rerun skips every finished run.
     """
