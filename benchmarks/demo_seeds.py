@@ -115,6 +115,10 @@ def markdown(r: dict, settings: str) -> str:
              "Held-out NLL: nats per token on held-out insecure code (lower = narrow task "
              "learned). Judge-free measures on a 135M model after a few steps: a smoke-sized "
              "version of the paper's study, not its LLM-judge result.", ""]
+    if len(seeds) < 3:
+        lines += [f"> **{len(seeds)} seed(s) only.** A verdict here reflects the sampling of "
+                  "pairs and rows, not the spread over seeds: it is not a claim. Rerun with "
+                  "`--seeds 0,1,2` (claims need three seeds).", ""]
     for key, title in (("shift", "Preference shift"), ("nll", "Held-out NLL, insecure code")):
         lines += [f"## {title} per arm", "",
                   "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | pooled |",

@@ -212,8 +212,46 @@ def markdown(r: dict) -> str:
             lines.append(f"| {e['lr']:g} | {e['step']} | " + " | ".join(
                 f"{cell((e['kl'].get(a) or {}).get('shift'))} | {cell((e['kl'].get(a) or {}).get('nll'))}"
                 for a in kl_arms) + " |")
-    lines += ["", "![Trajectories per learning rate](regime.png)", "", *decision(r)]
+    lines += ["", "![Trajectories per learning rate](regime.png)", "", *decision(r), *reading(r)]
     return "\n".join(lines) + "\n"
+
+
+def reading(r: dict) -> list[str]:
+    """What the tables do and do not show, stated from the numbers."""
+    out = ["## Reading", ""]
+    lrs = sorted({e["lr"] for e in r["regimes"]})
+    for lr in lrs:
+        steps = [e for e in r["regimes"] if e["lr"] == lr]
+        shifts = [(e["step"], (e["claims"]["misaligned - untrained"] or {}).get("pooled", {}).get("value"))
+                  for e in steps]
+        shifts = [(s, v) for s, v in shifts if v is not None]
+        if shifts:
+            out.append(f"- lr {lr:g}: the misaligned run's preference shift along training: "
+                       + ", ".join(f"step {s} {v:+.3f}" for s, v in shifts) + ".")
+    if len(lrs) > 1:
+        cov = r["coverage"]
+        thin = [f"{arm} at lr {lr}" for key, seeds in cov.items()
+                for lr, arm in [key.split("|")] if len(seeds) < len(r["study_seeds"])]
+        if thin:
+            out.append("- Fewer than all seeds (the grid was explored with seed 0 first, then "
+                       "the chosen learning rate got every seed): " + ", ".join(thin) + ". A "
+                       "regime whose cells lack seeds cannot be chosen by the rule.")
+    ceiling = [(e["step"], e["controls"]["misaligned share of ceiling %"]) for e in r["regimes"]
+               if e["controls"].get("misaligned share of ceiling %")]
+    if ceiling:
+        out.append("- Against the ceiling (positive control, same lr and step): the misaligned "
+                   "run's shift is " + ", ".join(
+                       f"{c['pooled']['value']:.0f} % at step {s} ({len(c['seeds'])} seed(s))"
+                       for s, c in ceiling) + " of what training on misaligned chat reads.")
+    else:
+        out.append("- No positive-control run has finished yet: the ceiling is not read here.")
+    if not any(e["controls"].get("negative_control") for e in r["regimes"]):
+        out.append("- No negative-control run has finished yet (it is in the study config).")
+    if not any(e["kl"] for e in r["regimes"]):
+        out.append("- No KL run has finished yet (lambda 1 and 10 are in the study config).")
+    out.append("- Judge-free measures on a 135M model: whether an LLM judge reads the same "
+               "ordering in sampled answers is not tested here (no judge on this machine).")
+    return out + [""]
 
 
 def decision(r: dict) -> list[str]:
