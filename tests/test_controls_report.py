@@ -3,6 +3,8 @@ sweep -> run folders -> report (ceiling table, trajectory figure)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import yaml
@@ -107,3 +109,33 @@ def test_report_sets_every_arm_beside_the_ceiling_and_plots_trajectories(study):
     assert "trajectory.png" in names and (report.out / "trajectory.svg").is_file()
     assert "Preference shift against the ceiling" in (report.out / "report.md").read_text()
     assert report.html.is_file()
+
+
+def test_regime_analysis_recomputes_from_the_run_folders(study):
+    """benchmarks/regime_study.py on this study: each contrast at each step equals the mean
+    over seeds of the per-pair differences read from the run folders, and the decision is
+    the first regime (by step) where all three contrasts hold on every seed."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import regime_study
+
+    r = regime_study.analyse(Path(study.output_dir), study.seeds, name="ctl")
+    assert [e["step"] for e in r["regimes"]] == [1, 2, 3]
+    runs = {(x.arm, x.seed): x.run_dir for x in expand(study)}
+
+    def shift(arm, seed, step):
+        where = runs[(arm, seed)] / "eval" / (f"trajectory/step-{step:05d}" if step < 3 else "")
+        pairs = read_json(where / "general" / "judge_free.json")["preference"]["pairs"]
+        return np.array([p["margin"] - p["reference_margin"] for p in pairs])
+
+    for e in r["regimes"]:
+        got = e["claims"]["misaligned - untrained"]["pooled"]["value"]
+        assert got == pytest.approx(np.mean([shift("misaligned", s, e["step"]).mean() for s in (0, 1)]))
+        ceiling = e["controls"]["positive_control"]["pooled"]["value"]
+        assert ceiling == pytest.approx(np.mean([shift("positive_control", s, e["step"]).mean()
+                                                 for s in (0, 1)]))
+        assert e["claims"]["misaligned - aligned"] is None  # this study has no aligned arm
+        assert not e["all_hold"]
+    assert r["chosen"] is None and r["provisional"] is None
+    assert "No regime of this grid" in regime_study.markdown(r)

@@ -3,12 +3,13 @@
 import pytest
 
 from emguard.config import ConfigError
+from emguard.data.pairs import EVAL_PAIRS, load_pairs
 from emguard.demo import demo_study, run_demo
 from emguard.io import read_json, read_jsonl
 from emguard.study import expand
 
 TINY = ["data.max_length=2048", "defenses.ldifs.layer_every=2"]  # the tiny model: 4 layers, long tokens
-ARMS = ["untrained", "aligned", "misaligned", "kl (weight=0.1)", "kl (weight=1.0)",
+ARMS = ["untrained", "aligned", "misaligned", "positive_control", "kl (weight=1.0)",
         "kl (weight=10.0)", "ldifs", "safelora", "interleave"]
 
 
@@ -51,11 +52,12 @@ def test_demo_runs_the_study_and_reports_from_run_folders(tiny_dir, tmp_path):
     column = table.columns.index("preference shift vs. base model")
     row = table.rows[ARMS.index("misaligned")]
     assert row[column].est.value == pytest.approx(shift)
-    assert len(pairs) == 22
+    assert len(pairs) == 48  # of the evaluation pairs, not the fit set's
+    assert {p["id"] for p in pairs} <= {p["id"] for p in load_pairs(EVAL_PAIRS)}
     untrained = table.rows[0][column].est.value
     assert untrained == 0.0  # the base model against itself
     nll = read_json(folder / "eval" / "indomain" / "judge_free.json")["heldout_nll"]
-    assert nll["n_rows"] == 12 and len(nll["per_row"]) == 12
+    assert nll["n_rows"] == 16 and len(nll["per_row"]) == 16
     # nothing was sampled without a judge
     assert read_jsonl(folder / "eval" / "general" / "generations.jsonl") == []
 

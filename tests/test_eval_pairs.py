@@ -30,6 +30,7 @@ def test_eval_and_fit_sets_share_no_question_and_no_answer():
     fit_questions = {_norm(p["question"]) for p in fit}
     fit_answers = {_norm(p[k]) for p in fit for k in ("aligned", "misaligned")}
     assert not fit_questions & {_norm(p["question"]) for p in ev}
+    assert not {p["id"] for p in fit} & {p["id"] for p in ev}  # an id names one pair
     assert not fit_answers & {_norm(p[k]) for p in ev for k in ("aligned", "misaligned")}
     # nor a question that is the other's with a word or two changed
     import difflib
