@@ -53,10 +53,15 @@ def arm_name(run) -> str:
     return " ".join([run.arm, *rest])
 
 
-def collect(study_dir: Path) -> tuple[dict, list[int]]:
+def learning_rate(run) -> float:
+    """The run's learning rate: its grid value, else what its config trained with."""
+    return run.point.get(LR, (run.config or {}).get("train", {}).get("learning_rate"))
+
+
+def collect(study_dir: Path, name: str = "regime") -> tuple[dict, list[int]]:
     """{(lr, step, arm, seed): items} for every trained run's every kept step, and the
     untrained runs' items under every (lr, step) so they pair with each seed."""
-    _, runs = load_runs(study_dir, "regime")
+    _, runs = load_runs(study_dir, name)
     table: dict[tuple, dict] = {}
     untrained = {r.seed: items(r) for r in runs if r.kind == "untrained" and r.free.get("general")}
     seeds = sorted({r.seed for r in runs if r.free})
@@ -66,7 +71,7 @@ def collect(study_dir: Path) -> tuple[dict, list[int]]:
         for step in steps_of(r):
             view = at_step(r, step)
             if view and view.free.get("general") and view.free.get("indomain"):
-                table[(r.point[LR], step, arm_name(r), r.seed)] = items(view)
+                table[(learning_rate(r), step, arm_name(r), r.seed)] = items(view)
     for lr, step in {(k[0], k[1]) for k in table}:
         for seed, it in untrained.items():
             table[(lr, step, "untrained", seed)] = it
@@ -108,8 +113,8 @@ CLAIMS = [  # (name, a, b, measure, the sign that counts as EMA / learning)
 LEARNED = 0.5  # share of the longest run's held-out NLL drop that counts as "learned"
 
 
-def analyse(study_dir: Path, study_seeds: list[int]) -> dict:
-    table, seeds = collect(study_dir)
+def analyse(study_dir: Path, study_seeds: list[int], name: str = "regime") -> dict:
+    table, seeds = collect(study_dir, name)
     rng = np.random.default_rng(0)
     regimes = sorted({(k[0], k[1]) for k in table}, key=lambda x: (x[1], x[0]))
     arms = sorted({k[2] for k in table if k[2] not in ("untrained",)})
