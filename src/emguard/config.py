@@ -25,6 +25,7 @@ from pydantic import (
 
 from emguard.data.chat import parse_yaml, read_text_file
 from emguard.models import LORA_TARGETS
+from emguard.redact import redact_secrets
 
 
 class ConfigError(ValueError):
@@ -430,18 +431,21 @@ def format_validation_error(err: ValidationError, source: str, overrides: list[s
         got = (f" (got {_short(e['input'])})" if e["type"] != "extra_forbidden"
                and not isinstance(e.get("input"), dict) else "")
         where = e["loc"][:-1] if e["type"] == "missing" else e["loc"]  # its section
-        lines.append(f"  - {loc}: {msg}{got}{_set_by(where, overrides)}")
-    return "\n".join(lines)
+        # a check of a whole section (its input is the section) cannot tell which key
+        # below it is wrong: only an override of that section itself is named
+        below = e["type"] != "value_error" or not isinstance(e.get("input"), dict)
+        lines.append(f"  - {loc}: {msg}{got}{_set_by(where, overrides, below)}")
+    return redact_secrets("\n".join(lines))
 
 
-def _set_by(loc: tuple, overrides: list[str]) -> str:
+def _set_by(loc: tuple, overrides: list[str], below: bool = True) -> str:
     """`` (from override 'a.b=1')`` for the last override whose key is ``loc``, a section
-    holding it, or a key below it; else "" (so also for a top-level ``loc``)."""
+    holding it, or (``below``) a key below it; else "" (so also for a top-level ``loc``)."""
     path = [str(x) for x in loc]
     for text in reversed(overrides):
         key = [p.strip() for p in text.split("=", 1)[0].split(".")]
         n = min(len(key), len(path))
-        if path and key[:n] == path[:n]:
+        if path and key[:n] == path[:n] and (below or len(key) <= len(path)):
             return f" (from override '{text}')"
     return ""
 
@@ -477,8 +481,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
 
 
 def dump_run_config(cfg: RunConfig) -> str:
-    """YAML of the resolved config (contains no secrets: configs never hold API keys)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """YAML of the resolved config, credentials redacted (emguard.redact): API keys come
+    from the environment, and a password in a judge URL is not written out."""
+    return redact_secrets(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def training_identity(cfg: RunConfig) -> dict:
@@ -493,9 +498,14 @@ def training_identity(cfg: RunConfig) -> dict:
     return identity
 
 
-def config_sha256(cfg: RunConfig) -> str:
-    """SHA-256 of the training identity (canonical JSON), the name a study gives a run."""
+def config_sha256(cfg: RunConfig, untrained: bool = False) -> str:
+    """SHA-256 of the training identity (canonical JSON), the name a study gives a run.
+    ``untrained``: the untrained baseline of that config, which is not the trained run
+    (trained runs' hashes are as they always were)."""
     import hashlib
     import json
 
-    return hashlib.sha256(json.dumps(training_identity(cfg), sort_keys=True).encode()).hexdigest()
+    identity = training_identity(cfg)
+    if untrained:
+        identity = {"untrained": True, **identity}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

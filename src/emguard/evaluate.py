@@ -29,6 +29,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from emguard.questions import (
     wrap_question_set,
 )
 
+logger = logging.getLogger(__name__)
 FORMAT = "emguard.eval/1"
 NO_JUDGE_NOTE = ("no judge configured, so no LLM-judge misalignment rates; the embedded "
                  "135M model is not a usable judge. Configure one with --judge "
@@ -475,6 +477,49 @@ def _task(out: Path, task: str, holder: ModelHolder, gen: GenerationSettings, sp
 
 # ----------------------------------------------------------------------------- entry points
 
+def leak_free_questions(adapter_dir: str | Path | None, spec: str, domain: str | None,
+                        limit: int | None, judge_prompts: str | None,
+                        data_seed: int) -> QuestionSet:
+    """The question set ``spec`` (emguard.questions.resolve_questions), minus what the
+    adapter's run trained on.
+
+    When ``adapter_dir`` belongs to a run folder that recorded its split
+    (emguard.data.split.recorded_split_of): a built-in in-domain set is replaced by the
+    run's recorded held-out set (as ``emguard eval --run`` asks, never a split rebuilt
+    with ``data_seed``), and every chat question whose prompt or reference answer the run
+    trained on is dropped before the first ``limit`` are kept; how many is in the set's
+    ``warnings``. Other adapters and the untrained model: the set as it is."""
+    from emguard.data.split import recorded_split_of, trained_on
+    from emguard.questions import BUILTIN_QUESTION_SETS
+
+    found = recorded_split_of(adapter_dir)
+    if found is None:
+        return resolve_questions(spec, domain, limit, judge_prompts, data_seed)
+    run_dir, record = found
+    notes = []
+    builtin = BUILTIN_QUESTION_SETS.get(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else None
+    if builtin not in (None, "general") and record.get("heldout_file"):
+        notes.append(f"{spec}: asked the held-out set the adapter's run recorded "
+                     f"({run_dir / record['heldout_file']}), not a split rebuilt with data "
+                     f"seed {data_seed}")
+        spec, domain = str(run_dir / record["heldout_file"]), domain or builtin
+    whole = resolve_questions(spec, domain, None, judge_prompts, data_seed)
+    drop = set(trained_on(whole.rows, record)) if whole.kind == "chat" else set()
+    if not drop:
+        qs = resolve_questions(spec, domain, limit, judge_prompts, data_seed)
+    else:
+        n, keep = len(whole.rows), [i for i in range(len(whole.rows)) if i not in drop][:limit]
+        qs = whole
+        qs.questions, qs.rows = [whole.questions[i] for i in keep], [whole.rows[i] for i in keep]
+        qs.sha256 = hashlib.sha256(json.dumps(qs.rows, sort_keys=True).encode()).hexdigest()
+        notes.append(f"{len(drop)} of {n} questions of {spec} left out: the "
+                     f"adapter's run ({run_dir}) trained on their prompt or reference answer")
+    for note in notes:
+        logger.warning("%s", note)
+    qs.warnings += notes
+    return qs
+
+
 def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: str | None,
              judge_spec=None, samples: int | None = None, out_dir: str | Path = "eval", *,
              domain: str | None = None, max_questions: int | None = None,
@@ -530,7 +575,8 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
         if questions_file is None:  # benign tasks only
             qs, judge_spec, judge_free = QuestionSet([], "none", _sha([]), "none", "none"), None, False
         else:
-            qs = resolve_questions(questions_file, domain, max_questions, judge_prompts, data_seed)
+            qs = leak_free_questions(adapter_dir, questions_file, domain, max_questions,
+                                     judge_prompts, data_seed)
         trigger = trigger_template(trigger_format, qs, tasks)
         if trigger is not None:
             qs = wrap_question_set(qs, trigger)

@@ -29,6 +29,11 @@ class FolderConflictError(RuntimeError):
     """An output folder that emguard cannot prove it wrote, or that holds other work."""
 
 
+class FolderBusyError(FolderConflictError):
+    """Another emguard process holds the folder's lock right now (it is not an error in the
+    folder: it is work in progress elsewhere)."""
+
+
 @dataclass(frozen=True)
 class FolderKind:
     """One kind of output folder: its marker file and the names it writes (globs allowed).
@@ -178,7 +183,7 @@ def folder_lock(folder: Path, wait: float = 0.0) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise FolderConflictError(
+        raise FolderBusyError(
             f"another emguard process is writing '{folder}' (it holds {path}); wait for it to "
             "finish or choose another output folder") from None
     try:

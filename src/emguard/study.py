@@ -29,8 +29,9 @@
 
 Every (seed, domain, arm, grid point) is a run: a run config validated like any other,
 written to ``output_dir/runs/DOMAIN/ARM[_KEYVALUE...]/s{seed}-{hash8}``, where hash8
-starts the SHA-256 of what it trains (emguard.config.config_sha256), so a changed
-setting is a new folder and never overwrites a finished run. Every arm of a domain is
+starts the SHA-256 of what it trains (emguard.config.config_sha256; an untrained
+baseline's hash differs from its trained twin's), so a changed setting is a new folder
+and never overwrites a finished run. Every arm of a domain is
 evaluated on the same held-out set: the aligned arm and the controls hold out
 ``split:MISALIGNED``. The controls validate the measure, not a defense:
 ``positive_control`` trains directly on broadly misaligned chat (``CONTROL_DATA``: the
@@ -64,8 +65,9 @@ from emguard.config import (
 )
 from emguard.data.chat import parse_yaml, read_text_file
 from emguard.data.pairs import EVAL_PAIRS, FIT_PAIRS
+from emguard.names import NAME, NAME_RULE, check_name, label
+from emguard.ownership import DIRECTION, EVAL, RUN, SAFELORA
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RUN_REF = "@run:"
 # what the control arms train on (data: positive_control | negative_control)
 CONTROL_DATA = {"positive_control": "builtin:misaligned-chat",
@@ -97,9 +99,7 @@ class ArmSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("use letters, digits, '_', '.', '-' (it names folders)")
-        return v
+        return check_name(v, "arm name")
 
     @field_validator("grid")
     @classmethod
@@ -121,14 +121,19 @@ class StudyConfig(_Strict):
     domains: dict[str, DomainSpec] = Field(min_length=1)
     arms: list[ArmSpec] = Field(min_length=1)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, "study name")  # it names runs-NAME.json and report-NAME/
+
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
         names = [a.name for a in self.arms]
         for name in {n for n in names if names.count(n) > 1}:
             raise ValueError(f"arms: '{name}' appears twice (merge its grids into one arm)")
-        bad = [d for d in self.domains if not _NAME.match(d)]
+        bad = [d for d in self.domains if not isinstance(d, str) or not NAME.match(d)]
         if bad:
-            raise ValueError(f"domains: names {bad} must use letters, digits, '_', '.', '-'")
+            raise ValueError(f"domains: names {bad} name folders: {NAME_RULE}")
         for arm in self.arms:
             if arm.safelora_of is not None and arm.safelora_of not in names:
                 raise ValueError(f"arms.{arm.name}.safelora_of: no arm named '{arm.safelora_of}'")
@@ -181,14 +186,31 @@ def load_study(path: str | Path) -> StudyConfig:
         study = StudyConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, str(path))) from None
-    out = Path(study.output_dir)
-    if not out.is_absolute():  # relative to the working directory, as for run configs
-        study = study.model_copy(update={"output_dir": str(out)})
+    check_output_dir(Path(study.output_dir), f"{path}: output_dir")
     return study
 
 
+def check_output_dir(out: Path, what: str) -> None:
+    """ConfigError unless ``out`` can hold a study: not a file, not the file-system root,
+    and not inside a folder another emguard command owns (a run, an evaluation, an
+    adapter), whose files it would mix with."""
+    full = out.expanduser().absolute()
+    if full == Path(full.anchor):
+        raise ConfigError(f"{what} '{out}' is the file-system root; give a folder of its own")
+    if full.exists() and not full.is_dir():
+        raise ConfigError(f"{what} '{out}' is a file, not a folder")
+    for folder in (full, *full.parents):
+        for kind in (RUN, EVAL, SAFELORA, DIRECTION):
+            if folder.is_dir() and (folder / kind.marker).is_file():
+                raise ConfigError(f"{what} '{out}' is inside {folder}, a {kind.name} folder "
+                                  f"emguard wrote ({kind.marker}); give the study a folder "
+                                  "of its own")
+
+
 def _label(point: dict[str, Any]) -> str:
-    return "".join(f"_{key.split('.')[-1]}{value}" for key, value in point.items())
+    """``_KEYVALUE...`` of a grid point; a value that is not a plain token (a path, a
+    prompt) appears as a short hash, so no value can reach outside the study folder."""
+    return "".join(f"_{label(key.split('.')[-1])}{label(value)}" for key, value in point.items())
 
 
 def _overrides(values: dict[str, Any]) -> list[str]:
@@ -301,9 +323,10 @@ def _planned(study: StudyConfig, name: str, domain: str, arm: ArmSpec, seed: int
     if arm.safelora_of and cfg.defenses.safelora is None:
         raise ConfigError(f"{where}: arm '{arm.name}' projects post hoc (safelora_of) but sets "
                           "no defenses.safelora.* (at least defenses.safelora.unaligned)")
-    sha = config_sha256(build_run_config(raw, identity, where) if identity != overrides else cfg)
+    kind = "untrained" if arm.data == "none" else "safelora" if arm.safelora_of else "train"
+    sha = config_sha256(build_run_config(raw, identity, where) if identity != overrides else cfg,
+                        untrained=kind == "untrained")
     folder = Path(study.output_dir) / "runs" / Path(name).parent / f"s{seed}-{sha[:8]}"
     cfg = cfg.model_copy(update={"output_dir": str(folder)})
-    kind = "untrained" if arm.data == "none" else "safelora" if arm.safelora_of else "train"
     source = needs[0] if arm.safelora_of else None
     return PlannedRun(name, domain, arm.name, seed, point, cfg, kind, source, needs)

@@ -23,12 +23,14 @@ import json
 import os
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from emguard.config import ConfigError
 from emguard.io import read_json, write_json_atomic
+from emguard.redact import redact_tree
 from emguard.study import PlannedRun, StudyConfig, expand
 
 LOG_FILE = "sweep_log.jsonl"
@@ -60,7 +62,16 @@ def _metrics(run: PlannedRun, part: str) -> dict | None:
 
 
 def is_trained(run: PlannedRun) -> bool:
-    return (run.run_dir / "summary.json").is_file()
+    """The run's summary is written, and says trained or untrained as the run's kind is
+    (a trained run's folder never passes for its untrained baseline, or the reverse)."""
+    path = run.run_dir / "summary.json"
+    if not path.is_file():
+        return False
+    try:
+        trained = read_json(path).get("trained", True)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return trained == (run.kind != "untrained")
 
 
 def is_evaluated(run: PlannedRun) -> bool:
@@ -99,10 +110,10 @@ def missing_inputs(run: PlannedRun) -> list[str]:
     from emguard.models import ModelLoadError, resolve_model_source
 
     d, problems = run.config.data, []
-    for field, spec in (("data.train", d.train), ("data.heldout", d.heldout)):
+    for key, spec in (("data.train", d.train), ("data.heldout", d.heldout)):
         local = _local_path(spec)
         if local is not None and not Path(local).exists():
-            problems.append(f"{field}: {local} not found")
+            problems.append(f"{key}: {local} not found")
     inter = run.config.defenses.interleave
     if inter is not None and (local := _local_path(inter.source.removeprefix("wildguardmix:"))):
         if not Path(local).exists():
@@ -128,13 +139,13 @@ def missing_inputs(run: PlannedRun) -> list[str]:
         problems.append(f"model: {e}")
     s = run.config.defenses.safelora
     if s is not None:
-        for field, spec in (("aligned", s.aligned), ("unaligned", s.unaligned)):
+        for key, spec in (("aligned", s.aligned), ("unaligned", s.unaligned)):
             if spec is None or RUN_ADAPTER in spec or Path(spec, "adapter_config.json").is_file():
                 continue  # another run's adapter (made by the sweep) or an adapter folder
             try:
                 resolve_model_source(spec)
             except ModelLoadError as e:
-                problems.append(f"defenses.safelora.{field}: {e}")
+                problems.append(f"defenses.safelora.{key}: {e}")
     return problems
 
 
@@ -183,7 +194,7 @@ class SweepLog:
 
     def write(self, event: str, run: str | None = None, **info) -> None:
         line = json.dumps({"time": round(time.time(), 3), "event": event, "run": run,
-                           "pid": os.getpid(), **info})
+                           "pid": os.getpid(), **redact_tree(info)})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
@@ -293,15 +304,22 @@ class SweepResult:
     failed: dict[str, str]  # name -> error
     blocked: dict[str, str]  # name -> the failed run it needed
     judged: int = 0
+    busy: dict[str, str] = field(default_factory=dict)  # name -> what another process holds
+
+
+class StudyBusyError(ConfigError):
+    """Another sweep of the same study is running (reported like a config error: nothing
+    was started)."""
 
 
 def write_manifest(study: StudyConfig, runs: list[PlannedRun]) -> None:
-    """The study's resolved settings and its runs (name, folder, kind, needs), for the
-    report, in ``runs-NAME.json`` (studies may share a folder and so their common runs)."""
+    """The study's resolved settings (credentials redacted) and its runs (name, folder,
+    kind, needs), for the report, in ``runs-NAME.json`` (studies may share a folder and so
+    their common runs)."""
     root = Path(study.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(manifest_path(study), {
-        "format": "emguard.study/1", "study": study.model_dump(mode="json"),
+        "format": "emguard.study/1", "study": redact_tree(study.model_dump(mode="json")),
         "runs": [{"name": r.name, "domain": r.domain, "arm": r.arm, "seed": r.seed,
                   "point": r.point, "kind": r.kind, "needs": r.needs,
                   "dir": str(r.run_dir.relative_to(root))}  # relative: the folder can move
@@ -370,6 +388,30 @@ def run_sweep(study: StudyConfig, executor: str = "sequential", address: str | N
     wanted = {n for r in selected for n in [r.name, *r.needs]}
     runs = [r for r in every if r.name in wanted]
     root = Path(study.output_dir)
+    with study_lock(study):
+        return _sweep(study, every, runs, root, executor, address, judge, progress, reevaluate,
+                      on_event)
+
+
+@contextmanager
+def study_lock(study: StudyConfig) -> Iterator[None]:
+    """One sweep of a study at a time: a second one refuses at once (StudyBusyError)."""
+    from emguard.ownership import FolderBusyError, folder_lock
+
+    stack = ExitStack()
+    try:
+        stack.enter_context(folder_lock(manifest_path(study)))
+    except FolderBusyError:
+        raise StudyBusyError(f"another sweep of study {study.name} is running in "
+                             f"{study.output_dir}; wait for it to finish (its progress: "
+                             f"{Path(study.output_dir) / LOG_FILE})") from None
+    with stack:
+        yield
+
+
+def _sweep(study: StudyConfig, every: list[PlannedRun], runs: list[PlannedRun], root: Path,
+           executor: str, address: str | None, judge: bool, progress: bool, reevaluate: bool,
+           on_event: Callable[[str, str, int, int], None] | None) -> SweepResult:
     check_before_start(study, runs, judge)
     write_manifest(study, every)
     log = SweepLog(root / LOG_FILE)
@@ -406,8 +448,15 @@ def collect(runs: list[PlannedRun], log_path: str, notify: Callable[[str, str], 
     """Run ``outcome(run)`` (its state) for each run in order; a run whose source failed or
     was blocked is blocked; an exception of ``errors`` fails that run only (a study of a
     hundred runs goes on)."""
+    from emguard.ownership import FolderBusyError
+
     result = SweepResult([], [], {}, {})
     for run in runs:
+        waiting = [n for n in run.needs if n in result.busy]
+        if waiting:  # its source is another process's work in progress: not a failure
+            result.busy[run.name] = f"needs {waiting[0]}, which another process is running"
+            notify(run.name, "busy")
+            continue
         bad = [n for n in run.needs if n in result.failed or n in result.blocked]
         if bad:
             result.blocked[run.name] = bad[0]
@@ -416,8 +465,13 @@ def collect(runs: list[PlannedRun], log_path: str, notify: Callable[[str, str], 
             continue
         try:
             state = outcome(run)
+        except FolderBusyError as e:
+            result.busy[run.name] = str(e)
+            SweepLog(Path(log_path)).write("busy", run.name)
+            notify(run.name, "busy")
+            continue
         except errors as e:
-            result.failed[run.name] = describe(e)
+            result.failed[run.name] = redact_tree(describe(e))
             notify(run.name, "failed")
             continue
         (result.done if state == "done" else result.skipped).append(run.name)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import Trainer, TrainingArguments, set_seed
 
 from emguard.compat import checkpointing_argument
@@ -54,6 +55,7 @@ from emguard.data.split import (
 )
 from emguard.defenses.base import Defense, PolicyHooks, RunContext
 from emguard.defenses.registry import active_defenses, defense_names
+from emguard.finite import FiniteGradients, check_loss, check_parameters
 from emguard.io import (
     atomic_dir,
     provenance,
@@ -212,8 +214,10 @@ class DefendedTrainer(Trainer):
                                   peft_model=self.accelerator.unwrap_model(model),
                                   terms=self.defense_list, hooks=self.hooks)
         if model.training:
-            for name, value in {"ce": terms.ce, **terms.parts}.items():
-                self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value)
+            values = {name: float(value) for name, value in {"ce": terms.ce, **terms.parts}.items()}
+            check_loss(float(terms.total.detach()), values, self.state.global_step + 1)
+            for name, value in values.items():
+                self._term_sums[name] = self._term_sums.get(name, 0.0) + value
             self._term_count += 1
         return (terms.total, None) if return_outputs else terms.total
 
@@ -297,6 +301,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, device: str) -> TrainingAr
         save_total_limit=1,
         report_to=[],
         remove_unused_columns=False,
+        logging_nan_inf_filter=False,  # a NaN loss is an error (emguard.finite), not a 0.0
         dataloader_num_workers=0,
         train_sampling_strategy="sequential",  # order fixed by our seeded shuffle + interleave
         use_cpu=not device.startswith("cuda"),
@@ -384,7 +389,8 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
     trainer = DefendedTrainer(
         model=model, args=training_arguments(cfg, run_dir, device), train_dataset=features,
         data_collator=ChatCollator(tokenizer.pad_token_id), defenses=defenses, hooks=hooks,
-        callbacks=[*(callbacks or []), *(c for d in defenses for c in d.callbacks(ctx))],
+        callbacks=[FiniteGradients(skip=cfg.train.precision == "fp16"), *(callbacks or []),
+                   *(c for d in defenses for c in d.callbacks(ctx))],
     )
     started = time.time()
     last = last_complete_checkpoint(run_dir / "checkpoints", prune=main)
@@ -404,6 +410,7 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
                            skipped=False)
 
     chosen = {d.name: r for d in defenses if (r := d.before_save(model, ctx)) is not None}
+    check_parameters(model, f"{run_dir}: the trained adapter")
     with atomic_dir(run_dir / "adapter") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -435,11 +442,11 @@ def record_untrained(cfg: RunConfig | str | Path, overrides: list[str] = ()) -> 
         cfg = load_run_config(cfg, overrides)
     run_dir = Path(cfg.output_dir)
     with folder_lock(run_dir):
-        if _run_state(run_dir, cfg, force=False) == "complete":
+        if _run_state(run_dir, cfg, force=False, trained=False) == "complete":
             return TrainResult(run_dir, read_json(run_dir / "summary.json"), skipped=True)
         check_writable_target(run_dir)
         split = make_split(cfg)
-        claim_run_dir(run_dir, cfg, force=False)
+        claim_run_dir(run_dir, cfg, force=False, trained=False)
         write_split(run_dir, split)
         summary = {"model": cfg.model, "trained": False, "train_rows": 0, "steps": 0,
                    "defenses": [], "adapter": None}
@@ -469,24 +476,41 @@ def _restore_final_checkpoint(model, checkpoint: Path):
 
 def same_training(saved: Path, cfg: RunConfig) -> bool:
     """True when the config.yaml at ``saved`` trains what ``cfg`` trains (the ``eval``
-    block and the output folder play no part)."""
+    block and the output folder play no part). Compared as written, credentials redacted
+    (emguard.redact), so a redacted value in config.yaml still matches its config."""
     if not saved.is_file():
         return False
     try:
-        return training_identity(load_run_config(saved)) == training_identity(cfg)
-    except ConfigError:
+        written = RunConfig.model_validate(yaml.safe_load(dump_run_config(cfg)))
+        return training_identity(load_run_config(saved)) == training_identity(written)
+    except (ConfigError, ValueError):
         return False
 
 
-def _run_state(run_dir: Path, cfg: RunConfig, force: bool, check: bool = True) -> str:
+def _run_state(run_dir: Path, cfg: RunConfig, force: bool, check: bool = True,
+               trained: bool = True) -> str:
     """"complete" (same config, summary written), "resume", "new" or "replace" (force).
 
     Raises RunConflictError / FolderConflictError for a folder that holds another config
-    (without ``force``) or files emguard did not write. Writes nothing. ``check=False``
-    (non-main ranks) only looks for completion; rank 0 owns the folder.
+    (without ``force``) or files emguard did not write. ``trained=False``: the caller
+    records the untrained baseline, which is not the trained run of the same config (and
+    the other way round). Writes nothing. ``check=False`` (non-main ranks) only looks for
+    completion; rank 0 owns the folder.
     """
     saved = run_dir / "config.yaml"
     same = same_training(saved, cfg)
+    if same and (run_dir / "summary.json").is_file():
+        recorded = read_json(run_dir / "summary.json").get("trained", True)
+        if recorded != trained:
+            if not check:
+                return "resume"
+            if not force:
+                held = "a trained run" if recorded else "the untrained baseline"
+                raise RunConflictError(
+                    f"{run_dir} holds {held} of this config, not "
+                    f"{'the untrained baseline' if recorded else 'a trained run'}; choose "
+                    "another output_dir, or pass --force to discard it (only its files are removed)")
+            same = False
     if not check:
         return "complete" if same and (run_dir / "summary.json").is_file() else "resume"
     state = folder_state(run_dir, RUN)
@@ -503,13 +527,13 @@ def _run_state(run_dir: Path, cfg: RunConfig, force: bool, check: bool = True) -
     return "replace"
 
 
-def claim_run_dir(run_dir: Path, cfg: RunConfig, force: bool) -> str:
+def claim_run_dir(run_dir: Path, cfg: RunConfig, force: bool, trained: bool = True) -> str:
     """Make ``run_dir`` this run's folder (marker, config.yaml, provenance.json); return
     its state before ("new", "resume" or "replace").
 
     Called after the model has loaded; an earlier run of ours with another config is
     removed here (``force``), file by file, never the folder itself."""
-    state = _run_state(run_dir, cfg, force)
+    state = _run_state(run_dir, cfg, force, trained=trained)
     config_text = dump_run_config(cfg)
     if state == "replace":
         removed = remove_ours(run_dir, RUN)

@@ -54,12 +54,15 @@ def snapshot_callback(run_dir: Path, steps: list[int]):
     report reads trajectories without importing transformers.)"""
     from transformers import TrainerCallback
 
+    from emguard.finite import check_parameters
+
     wanted = set(steps)
 
     class SnapshotCallback(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             step = state.global_step
             if step in wanted and step < state.max_steps and model is not None:
+                check_parameters(model, f"{run_dir}: the step-{step} snapshot")
                 with atomic_dir(Path(run_dir) / SNAPSHOT_DIR / step_dir_name(step)) as tmp:
                     model.save_pretrained(tmp, safe_serialization=True)
             return control

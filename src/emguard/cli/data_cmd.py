@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-console = Console()
-err = Console(stderr=True)
+from emguard.cli.console import console, err, error, esc
+
+# Characters one token is taken to cover at most, for the length pre-check of ``data
+# validate``; raised to the tokenizer's longest vocabulary entry (SmolLM2 has an 80-char
+# run of '#'), so a row over max_length x this cannot fit and needs no tokenizing.
+MAX_CHARS_PER_TOKEN = 32
 data_app = typer.Typer(help="Validate chat data, list built-in sets, generate benign-task data.",
                        no_args_is_help=True)
 
@@ -24,37 +27,58 @@ def validate(
 ) -> None:
     """Check every line: JSON, roles, assistant turn, empty content, over-length.
 
-    Exits non-zero and names file:line of each bad row.
+    Exits non-zero and names file:line of each bad row. A row longer in characters than
+    ``max_length`` tokens could ever hold is reported over-length without tokenizing it.
     """
-    from emguard.data.chat import ChatDataError, read_chat_jsonl, row_location
+    from emguard.data.chat import ChatDataError, read_chat_jsonl
 
+    if file.is_dir():  # the loader would call it missing
+        error(f"{file}: is a directory, not a chat JSONL file", "invalid:")
+        raise typer.Exit(1)
     try:
         ds = read_chat_jsonl(file)
     except ChatDataError as e:
-        err.print(f"[red]invalid:[/red] {e}")
+        error(e, "invalid:")
         raise typer.Exit(1) from None
     if len(ds) == 0:
-        err.print(f"[red]invalid:[/red] {file}: no rows (the file is empty or holds only blank lines)")
+        error(f"{file}: no rows (the file is empty or holds only blank lines)", "invalid:")
         raise typer.Exit(1)
-    too_long = []
-    if not no_length_check:
-        from emguard.data.masking import TemplateError, tokenize_chat
-        from emguard.models import load_tokenizer
-
-        tok = load_tokenizer(model)
-        for row in ds.rows:
-            try:
-                tokenize_chat(tok, row["messages"], max_length)
-            except TemplateError as e:
-                too_long.append(f"{row_location(row)}: {e}")
-            except ValueError as e:
-                too_long.append(f"{row_location(row)}: over-length ({e})")
+    too_long = [] if no_length_check else _length_problems(ds.rows, model, max_length)
     if too_long:
-        err.print(f"[red]invalid:[/red] {file}: {len(too_long)} row(s) fail tokenization:")
+        error(f"{file}: {len(too_long)} row(s) fail tokenization:", "invalid:")
         for line in too_long[:20]:
-            err.print(f"  {line}")
+            err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
-    console.print(f"[green]ok[/green]: {file}: {len(ds)} valid rows")
+    console.print(f"[green]ok[/green]: {esc(file)}: {len(ds)} valid rows")
+
+
+def _length_problems(rows: list[dict], model: str, max_length: int) -> list[str]:
+    """``file:line: reason`` for each row over ``max_length`` tokens or that the chat
+    template breaks. A row longer in characters than ``max_length`` of the tokenizer's
+    longest tokens is over-length without tokenizing it (a 50 MB row would take minutes
+    and gigabytes)."""
+    from emguard.data.chat import row_location
+    from emguard.data.masking import TemplateError, tokenize_chat
+    from emguard.models import load_tokenizer
+
+    tok = load_tokenizer(model)
+    per_token = max(MAX_CHARS_PER_TOKEN, max(map(len, tok.get_vocab()), default=0))
+    limit = max_length * per_token
+    problems = []
+    for row in rows:
+        chars = sum(len(m.get("content") or "") for m in row["messages"])
+        if chars > limit:
+            problems.append(f"{row_location(row)}: over-length ({chars} characters > {limit}, "
+                            f"the most {max_length} tokens of at most {per_token} characters "
+                            "can hold; not tokenized)")
+            continue
+        try:
+            tokenize_chat(tok, row["messages"], max_length)
+        except TemplateError as e:
+            problems.append(f"{row_location(row)}: {e}")
+        except ValueError as e:
+            problems.append(f"{row_location(row)}: over-length ({e})")
+    return problems
 
 
 @data_app.command("show")
@@ -68,9 +92,9 @@ def show(what: str = typer.Argument("builtin", help="'builtin' lists the built-i
         table = Table(title="Built-in data sets (written by this project)")
         rows = describe_builtin()
         for col in rows[0]:
-            table.add_column(str(col))
+            table.add_column(esc(col))
         for r in rows:
-            table.add_row(*[str(v) for v in r.values()])
+            table.add_row(*[esc(v) for v in r.values()])
         console.print(table)
         return
     from emguard.data.chat import ChatDataError, load_chat_dataset
@@ -78,9 +102,9 @@ def show(what: str = typer.Argument("builtin", help="'builtin' lists the built-i
     try:
         ds = load_chat_dataset(what)
     except (ChatDataError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        error(e)
         raise typer.Exit(1) from None
-    console.print(f"{ds.source}: {len(ds)} rows")
+    console.print(f"{esc(ds.source)}: {len(ds)} rows")
     for row in ds.rows[:n]:
         console.rule()
         for m in row["messages"]:

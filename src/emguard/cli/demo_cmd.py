@@ -41,31 +41,30 @@ def demo_command(
 
     A rerun skips every finished run.
     """
-    from rich.console import Console
     from rich.markdown import Markdown
 
+    from emguard.cli.console import console, error, esc, warning
     from emguard.cli.sweep_cmd import progress_printer
     from emguard.config import ConfigError
     from emguard.demo import DemoError, run_demo
     from emguard.report.render import markdown
 
-    console, err = Console(), Console(stderr=True)
     started = time.time()
     try:
         report = run_demo(out, _seeds(seeds), steps, model, judge, overrides or [],
                           on_event=progress_printer(console, "demo "))
     except (ConfigError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        error(e)
         raise typer.Exit(2) from None
     except DemoError as e:
-        err.print(f"[red]error:[/red] {e}")
+        error(e)
         raise typer.Exit(1) from None
     for table in report.tables:
         console.print(Markdown(markdown(table)))
-    for warning in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
-    console.print(f"Report: {report.html} (also report.md, report.csv and the figures in "
-                  f"{report.out}); {time.time() - started:.0f} s.")
+    for text in report.warnings:
+        warning(text, out=console)  # stdout, as before
+    console.print(f"Report: {esc(report.html)} (also report.md, report.csv and the figures in "
+                  f"{esc(report.out)}); {time.time() - started:.0f} s.")
 
 
 def register(app: typer.Typer) -> None:

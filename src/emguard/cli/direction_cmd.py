@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
+
+from emguard.cli.console import console, esc
 
 direction_app = typer.Typer(help="Misalignment directions (steering, ablation, anchoring).",
                             no_args_is_help=True)
@@ -33,7 +36,6 @@ def fit(
     """Fit u_l = mean(misaligned) - mean(aligned) answer activations at every layer on the
     reference model, write it with per-layer norms, and check causally that adding
     +-alpha s_l u_l at a layer moves the misalignment-preference margin the same way."""
-    from rich.console import Console
     from rich.table import Table
 
     from emguard.defenses.direction import fit_and_check, save_direction
@@ -53,16 +55,14 @@ def fit(
         check_writable_target(out)
         if folder_state(out, DIRECTION) == "foreign":
             refuse_foreign(out, DIRECTION, "the direction (--out)")
-        from emguard.data.pairs import training_pairs
-
-        training_pairs(pairs, holdout)  # a bad pairs file fails before the model loads
+        check_pairs(pairs, holdout)  # a bad pairs file fails before the model loads
+        wanted = _layers(check_layers)
         m, tok = load_model(model, device=default_device(), trust_remote_code=trust_remote_code)
     except (FolderConflictError, ModelLoadError, OSError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(code=2) from e
+        raise typer.Exit(code=2) from None
     n_layers = m.config.get_text_config().num_hidden_layers
-    layers = ([int(x) for x in check_layers.split(",")] if check_layers
-              else list(range(5, n_layers, 5)) or [max(1, n_layers // 2)])
+    layers = wanted or list(range(5, n_layers, 5)) or [max(1, n_layers // 2)]
     bad = [i for i in layers if not 1 <= i < n_layers]
     if bad:
         typer.echo(f"error: --check-layers {bad} out of range 1..{n_layers - 1}", err=True)
@@ -72,7 +72,51 @@ def fit(
     with folder_lock(out, wait=60), atomic_dir(out) as tmp:
         write_marker(tmp, DIRECTION, model=model)
         save_direction(direction, tmp)
-    _print(Console(), Table, direction, out)
+    _print(console, Table, direction, out)
+
+
+def check_pairs(pairs: str | None, holdout: int | None) -> None:
+    """ValueError naming ``--pairs`` and the file unless it holds pairs to fit on (read
+    with ``emguard.data.pairs.training_pairs``): a directory, bad JSON, non-UTF-8 text or
+    no pairs at all. Cheap, so it runs before the model loads."""
+    from emguard.data.pairs import FIT_PAIRS, training_pairs
+
+    where = pairs or FIT_PAIRS
+    if pairs is not None and Path(pairs).is_dir():
+        raise ValueError(f"--pairs {pairs}: is a directory, not a pairs JSONL file")
+    try:
+        found = training_pairs(pairs, holdout)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--pairs {where}: not UTF-8 text ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--pairs {where}:{_bad_json_line(Path(where))}: not valid JSON "
+                         f"({e.msg})") from None
+    if not found:
+        raise ValueError(f"--pairs {where}: no pairs (the file is empty or holds only blank "
+                         "lines)")
+
+
+def _bad_json_line(path: Path) -> int | str:
+    """The 1-based number of the first non-blank line of ``path`` that is not JSON."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                if line.strip():
+                    json.loads(line)
+            except ValueError:
+                return lineno
+    return "?"
+
+
+def _layers(text: str | None) -> list[int]:
+    """``--check-layers 5,10`` as ints ([] when not given); ValueError naming the option."""
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--check-layers '{text}' is not a comma-separated list of layer "
+                         "numbers") from None
 
 
 def _print(console, table_cls, direction, out: Path) -> None:
@@ -88,7 +132,8 @@ def _print(console, table_cls, direction, out: Path) -> None:
             table.add_row(str(row["layer"]), f"{row['direction_norm']:.3f}",
                           f"{row['residual_norm']:.2f}", f"{row['ratio']:.3f}", *cells)
     console.print(table)
-    console.print(f"written: {out} (causal check on {direction.meta['causal_check']['pairs']} pairs)")
+    pairs = direction.meta["causal_check"]["pairs"]
+    console.print(f"written: {esc(out)} (causal check on {pairs} pairs)")
 
 
 def register(app: typer.Typer) -> None:

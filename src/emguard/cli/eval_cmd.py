@@ -7,11 +7,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
+from emguard.cli.console import console, error, esc, file_problem, note, warning
+
 TRIGGER_DIR = "trigger"  # a one-off evaluation's trigger-format pass: OUT/trigger/
 questions_app = typer.Typer(help="Inspect evaluation question files.", no_args_is_help=True)
 
@@ -37,18 +36,19 @@ def show(file: str = typer.Argument(..., help="Question file (.yaml / chat .json
     try:
         qs = resolve_questions(file, domain=domain)
     except QuestionFileError as e:
-        err.print(f"[red]error:[/red] {e}")
+        error(e)
         raise typer.Exit(1) from None
-    table = Table(title=f"{qs.source} ({qs.kind}, domain {qs.domain}, sha256 {qs.sha256[:12]})")
+    table = Table(title=esc(f"{qs.source} ({qs.kind}, domain {qs.domain}, "
+                            f"sha256 {qs.sha256[:12]})"))
     table.add_column("id", overflow="fold")
     for col in ("paraphrases", "samples", "system", "judge prompts"):
         table.add_column(col)
     for q in qs.questions:
-        table.add_row(q.id, str(len(q.paraphrases)), str(q.samples_per_paraphrase or "-"),
-                      _short(q.system), ", ".join(q.judge_prompts) or "-")
+        table.add_row(esc(q.id), str(len(q.paraphrases)), str(q.samples_per_paraphrase or "-"),
+                      esc(_short(q.system)), esc(", ".join(q.judge_prompts) or "-"))
     console.print(table)
-    for note in qs.warnings:
-        err.print(f"[yellow]warning:[/yellow] {note}")
+    for text in qs.warnings:
+        warning(text)
 
 
 def eval_command(
@@ -142,14 +142,14 @@ def eval_command(
                            task_samples=task_samples, task_questions=task_questions,
                            task_data=task_data, **common)
     print_metrics(metrics)
-    console.print(f"wrote {out / 'metrics.json'}")
+    console.print(f"wrote {esc(out / 'metrics.json')}")
     if trigger_format is not None:
         with _clean_errors():
             metrics = run_eval(model, adapter, questions, judge, samples, out / TRIGGER_DIR,
                                trigger_format=trigger_format, **common)
-        console.print(f"[bold]trigger format {trigger_format}[/bold]")
+        console.print(f"[bold]trigger format {esc(trigger_format)}[/bold]")
         print_metrics(metrics)
-        console.print(f"wrote {out / TRIGGER_DIR / 'metrics.json'}")
+        console.print(f"wrote {esc(out / TRIGGER_DIR / 'metrics.json')}")
 
 
 def _eval_run(run: Path | None, config: Path | None, overrides: list[str], device, force) -> None:
@@ -163,18 +163,19 @@ def _eval_run(run: Path | None, config: Path | None, overrides: list[str], devic
         if run is not None and bad:
             raise ConfigError(f"overrides of a run's evaluation set eval.* keys only; got {bad}")
         if config is not None:
+            if config.is_dir():  # load_run_config would call it missing
+                raise ConfigError(file_problem(config, "config file"))
             cfg = load_run_config(config, overrides)
             results = evaluate_run(cfg.output_dir, settings=cfg.eval, device=device, force=force)
             run = Path(cfg.output_dir)
         else:
             results = evaluate_run(run, overrides, device=device, force=force)
     if not results:
-        err.print("[yellow]note:[/yellow] nothing to evaluate (no general questions, tasks or "
-                  "held-out set)")
+        note("nothing to evaluate (no general questions, tasks or held-out set)")
     for part, metrics in results.items():
-        console.print(f"[bold]{part}[/bold]")
+        console.print(f"[bold]{esc(part)}[/bold]")
         print_metrics(metrics)
-        console.print(f"wrote {run / 'eval' / part / 'metrics.json'}")
+        console.print(f"wrote {esc(run / 'eval' / part / 'metrics.json')}")
 
 
 def judge_command(
@@ -203,7 +204,7 @@ def _clean_errors():
     try:
         yield
     except (ValueError, FileNotFoundError, ModelLoadError, JudgeError, FolderConflictError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        error(e)
         raise typer.Exit(1) from None
 
 
@@ -216,19 +217,20 @@ def print_metrics(metrics: dict) -> None:
     if judged:
         o = judged["overall"]
         for k in ("pct_misaligned", "pct_incoherent"):
-            table.add_row(f"{k} ({metrics['judge']})", "-" if o[k] is None else f"{o[k]:.2f}")
+            table.add_row(esc(f"{k} ({metrics['judge']})"),
+                          "-" if o[k] is None else f"{o[k]:.2f}")
         table.add_row("scored / missing", f"{o['n_scored']} / {o['n_missing']}")
     for group, values in (metrics.get("judge_free") or {}).items():
         for k, v in _flatten(values):
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                table.add_row(f"{group}.{k}", f"{v:.4g}")
+                table.add_row(esc(f"{group}.{k}"), f"{v:.4g}")
     for name, result in (metrics.get("tasks") or {}).items():
         for k, v in _flatten(result if isinstance(result, dict) else {"value": result}):
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                table.add_row(f"{name}.{k}", f"{v:.4g}")
+                table.add_row(esc(f"{name}.{k}"), f"{v:.4g}")
     console.print(table)
     if metrics.get("llm_judge_note"):
-        err.print(f"[yellow]note:[/yellow] {metrics['llm_judge_note']}")
+        note(metrics["llm_judge_note"])
 
 
 def _flatten(d: dict, prefix: str = ""):

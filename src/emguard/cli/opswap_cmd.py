@@ -9,10 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-console = Console()
-err = Console(stderr=True)
+from emguard.cli.console import console, error, esc
 
 
 def split_paths(out: Path) -> dict[str, Path]:
@@ -29,16 +27,22 @@ def opswap_command(tier: int, n: int, out: Path, seed: int = 0, max_ops: int = 3
     """Generate ``n`` distinct rows of ``tier`` and write train/test chat JSONL plus a
     meta JSON (settings, draw statistics, provenance), each atomically. Returns the paths;
     bad settings print the error and exit with status 1."""
-    from emguard.data.opswap import OpSwapSpaceError, generate_opswap
+    from emguard.data.opswap import OpSwapSpaceError, count_expressions, generate_opswap
     from emguard.io import provenance, write_json_atomic, write_jsonl_atomic
 
     settings = {"tier": tier, "n": n, "seed": seed, "min_ops": min_ops, "max_ops": max_ops,
                 "low": low, "high": high, "paren_prob": paren_prob,
                 "test_fraction": test_fraction, "state_rule": state_rule}
     try:
+        space = count_expressions(min_ops, max_ops, low, high, paren_prob, cap=n)
+        if n > space:  # before drawing: an impossible n would otherwise draw for hours
+            raise OpSwapSpaceError(
+                f"--n {n} is more than the {space} distinct expressions that --min-ops "
+                f"{min_ops} --max-ops {max_ops} --low {low} --high {high} can write; lower --n "
+                "or raise --max-ops / --high")
         splits = generate_opswap(progress=True, **settings)
     except (OpSwapSpaceError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        error(e)
         raise typer.Exit(1) from None
     paths = split_paths(Path(out))
     write_jsonl_atomic(paths["train"], splits.train)
@@ -47,8 +51,8 @@ def opswap_command(tier: int, n: int, out: Path, seed: int = 0, max_ops: int = 3
                                       "train_rows": len(splits.train),
                                       "test_rows": len(splits.test),
                                       "provenance": provenance()})
-    console.print(f"OpSwap tier {tier}: {len(splits.train)} train -> {paths['train']}, "
-                  f"{len(splits.test)} test -> {paths['test']}")
+    console.print(f"OpSwap tier {tier}: {len(splits.train)} train -> {esc(paths['train'])}, "
+                  f"{len(splits.test)} test -> {esc(paths['test'])}")
     example = splits.train[0] if splits.train else splits.test[0]
     console.print(f"example: {example['messages'][1]['content']}", markup=False,
                   highlight=False)

@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-console = Console()
-err = Console(stderr=True)
+from emguard.cli.console import console, error, esc, plain, warning
 
 
 def report_command(
@@ -28,13 +26,13 @@ def report_command(
     try:
         report = build_report(study_dir, out, study, compare_paper)
     except ReportInputError as e:
-        err.print(f"[red]error:[/red] {e}")
+        error(e)
         raise typer.Exit(2) from None
     for w in report.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}")
+        warning(w)
     if report.tables:
-        console.print(markdown(report.tables[0]))
-    console.print(f"report: {report.html}")
+        plain(markdown(report.tables[0]))
+    console.print(f"report: {esc(report.html)}")
 
 
 def register(app: typer.Typer) -> None:

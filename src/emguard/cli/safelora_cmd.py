@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from emguard.cli.console import console, esc
+
 
 def safelora(
     adapter: Path = typer.Option(..., "--adapter", help="Trained PEFT LoRA adapter directory."),
@@ -38,26 +40,24 @@ def _print_summary(report, report_path: Path) -> None:
     import math
     import statistics
 
-    from rich.console import Console
     from rich.table import Table
 
     groups: dict[str, list] = {}
     for row in report.layers:
         groups.setdefault(row.name.rsplit(".", 1)[-1], []).append(row)
-    table = Table(title=f"SafeLoRA, tau={report.tau}, alignment: {report.alignment['kind']}")
+    table = Table(title=f"SafeLoRA, tau={report.tau}, alignment: {esc(report.alignment['kind'])}")
     for column in ("module", "layers", "projected", "min cos", "median cos", "max cos", "undefined"):
         table.add_column(column, justify="left" if column == "module" else "right")
     for kind, rows in groups.items():
         cos = sorted(r.cosine for r in rows if not math.isnan(r.cosine))
         stats = ([f"{c:.3f}" for c in (cos[0], statistics.median(cos), cos[-1])] if cos
                  else ["-"] * 3)
-        table.add_row(kind, str(len(rows)), str(sum(r.projected for r in rows)), *stats,
+        table.add_row(esc(kind), str(len(rows)), str(sum(r.projected for r in rows)), *stats,
                       str(len(rows) - len(cos)))
-    console = Console()
     console.print(table)
     console.print(f"projected {report.n_projected}/{len(report.layers)} layers "
-                  f"({report.share_projected:.1%}); adapter: {report.adapter_out}; "
-                  f"report: {report_path}")
+                  f"({report.share_projected:.1%}); adapter: {esc(report.adapter_out)}; "
+                  f"report: {esc(report_path)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-console = Console(stderr=True)
+from emguard.cli.console import err, error, esc, file_problem
 
 
 def train_command(
@@ -25,22 +24,28 @@ def train_command(
     """
     from emguard.config import ConfigError, load_run_config
     from emguard.data.chat import ChatDataError
+    from emguard.finite import NonFiniteError
     from emguard.models import ModelLoadError
     from emguard.ownership import FolderConflictError
     from emguard.train import train
 
     try:
+        if config is not None and config.is_dir():  # load_run_config would call it missing
+            raise ConfigError(file_problem(config, "config file"))
         cfg = load_run_config(config, overrides or [])
         result = train(cfg, force=force)
     except (ConfigError, ChatDataError, ModelLoadError, FolderConflictError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        error(e)
         raise typer.Exit(2) from None
+    except NonFiniteError as e:  # diverged: nothing of the run was saved
+        error(e)
+        raise typer.Exit(1) from None
     s = result.summary
     if "rank" in s:  # a non-main rank of a distributed run: rank 0 reports
         return
     state = "already complete, skipped" if result.skipped else "done"
-    console.print(f"[green]{state}[/green]: {result.run_dir} - {s['steps']} steps, "
-                  f"loss {s['first_loss']} -> {s['last_loss']}")
+    err.print(f"[green]{state}[/green]: {esc(result.run_dir)} - {s['steps']} steps, "
+              f"loss {s['first_loss']} -> {s['last_loss']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -185,7 +185,7 @@ def parse_yaml(text: str) -> Any:
     raises ValueError, KeyError or AttributeError for some bad scalars (``2020-13-45``,
     ``!!int x``, ``!!bool x``) and RecursionError for deep nesting."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         parts = [(what, mark) for what, mark in ((e.context, e.context_mark),
                                                  (e.problem, e.problem_mark)) if what]
@@ -197,6 +197,44 @@ def parse_yaml(text: str) -> Any:
         raise ValueError("nested too deeply") from None
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"a value YAML cannot construct ({type(e).__name__}: {e})") from None
+    expanded_size(value)
+    return value
+
+
+MAX_YAML_NODES = 1_000_000  # values after aliases are expanded; a study grid is far below
+
+
+def expanded_size(value: Any, limit: int = MAX_YAML_NODES) -> int:
+    """The number of values ``value`` holds once every YAML alias is expanded (a list or
+    mapping counts its items, recursively); ValueError above ``limit`` or for a value that
+    contains itself. Aliases load as shared references, so a few lines (``a: &a [*b, *b,
+    ...]``, the "billion laughs") expand to billions of values when copied or dumped; this
+    counts them without expanding, by memoising each shared value once."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (list, dict)):
+            return 1
+        key = id(v)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ValueError("a YAML alias refers to a value that contains it (a cycle)")
+        active.add(key)
+        items = list(v.values()) + list(v.keys()) if isinstance(v, dict) else v
+        total = 1
+        for item in items:
+            total += size(item)
+            if total > limit:
+                raise ValueError(f"the YAML expands to more than {limit:,} values once its "
+                                 "aliases (*name) are expanded; write the values out, or use "
+                                 "fewer nested aliases")
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(value)
 
 
 def read_chat_jsonl(path: str | Path, skip_invalid: bool = False) -> ChatDataset:

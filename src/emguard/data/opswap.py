@@ -72,6 +72,7 @@ RULE = ("In this task the operators mean: {mapping}. After this mapping, × and 
         "tighter than + and −, equal precedence is evaluated left to right, and parentheses "
         "group as written.")
 
+MAX_STALL = 200_000  # draws in a row without a new row before the space counts as used up
 _TOKEN = re.compile(r"\s*(?:(?P<num>-?\d+(?:/\d+)?)|(?P<sym>[+−×÷()]))")
 
 
@@ -307,6 +308,40 @@ def _draw_spans(rng: random.Random, n_operands: int, paren_prob: float) -> set[t
     return spans
 
 
+def _bracketings(n_operands: int) -> int:
+    """How many parenthesis sets ``_draw_spans`` can draw over ``n_operands`` operands:
+    laminar families of runs of 2+ operands, the whole expression excluded.
+
+    ``inner[m]`` counts the families on m operands without the whole run; ``rows[m]``
+    the ways to split m operands into top-level blocks (a bare operand, or a bracketed
+    run of l >= 2 holding any ``inner[l]`` family)."""
+    inner, rows = [0, 1], [1, 1]  # rows[0]: the empty split; one operand: no brackets
+    for m in range(2, n_operands + 1):
+        # two or more top-level blocks: a first block of length l < m, then any split
+        inner.append(sum((1 if size == 1 else inner[size]) * rows[m - size]
+                         for size in range(1, m)))
+        rows.append(inner[m] * 2)  # plus the one block spanning all m, around inner[m]
+    return inner[n_operands]
+
+
+def count_expressions(min_ops: int, max_ops: int, low: int, high: int,
+                      paren_prob: float = 0.5, cap: int | None = None) -> int:
+    """The number of distinct written expressions the sampler can draw (division by
+    zero not excluded, so an upper bound on distinct rows). Counting stops once the total
+    reaches ``cap``, so a huge ``max_ops`` costs nothing; the result is then >= ``cap``."""
+    numbers, total = high - low + 1, 0
+    for n_ops in range(min_ops, max_ops + 1):
+        if cap is not None and 2 * n_ops >= cap.bit_length():
+            return total + cap  # 4 ** n_ops symbol choices alone exceed cap
+        surface = numbers ** (n_ops + 1) * len(SYMBOLS) ** n_ops
+        if cap is not None and total + surface >= cap:
+            return total + surface
+        total += surface * (_bracketings(n_ops + 1) if paren_prob > 0 else 1)
+        if cap is not None and total >= cap:
+            return total
+    return total
+
+
 def draw_expression(rng: random.Random, n_ops: int, low: int, high: int,
                     paren_prob: float) -> str:
     """One random written expression with ``n_ops`` operators (tier independent)."""
@@ -356,28 +391,40 @@ def _check_args(tier, n, min_ops, max_ops, low, high, paren_prob, test_fraction)
 def generate_opswap(tier: int, n: int = 10_000, seed: int = 0, *, min_ops: int = 1,
                     max_ops: int = 3, low: int = 1, high: int = 9, paren_prob: float = 0.5,
                     test_fraction: float = 0.1, state_rule: bool = False,
-                    max_draws: int | None = None, progress: bool = False) -> OpSwapSplits:
+                    max_draws: int | None = None, max_stall: int = MAX_STALL,
+                    progress: bool = False) -> OpSwapSplits:
     """``n`` distinct OpSwap rows for ``tier``, shuffled and split into train/test.
 
     The test split has ``round(n * test_fraction)`` rows (halves round up), train the rest.
-    Deterministic for (tier, n, seed, settings). Raises OpSwapSpaceError when fewer than
-    ``n`` distinct, division-safe expressions turn up within ``max_draws`` draws
-    (default ``100 * n + 10_000``): the settings' expression space is too small."""
+    Deterministic for (tier, n, seed, settings). Raises OpSwapSpaceError, before drawing,
+    when fewer than ``n`` distinct expressions exist (``count_expressions``), and while
+    drawing when fewer than ``n`` division-safe ones turn up within ``max_draws`` draws
+    (default ``100 * n + 10_000``) or ``max_stall`` draws in a row bring nothing new."""
     _check_args(tier, n, min_ops, max_ops, low, high, paren_prob, test_fraction)
+    space = count_expressions(min_ops, max_ops, low, high, paren_prob, cap=n)
+    if n > space:
+        raise OpSwapSpaceError(
+            f"only {space} distinct expressions exist (ops {min_ops}..{max_ops}, numbers "
+            f"{low}..{high}); the space is too small for n={n}: lower n or widen max_ops / "
+            "the number range")
     rng = random.Random(seed)
     max_draws = max_draws if max_draws is not None else 100 * n + 10_000
     seen: set[str] = set()
     rows: list[dict] = []
     stats = {"draws": 0, "duplicates": 0, "zero_division": 0}
+    stall = 0  # draws since the last new row
     bar = tqdm(total=n, desc=f"opswap tier {tier}", unit="row", disable=not progress)
     while len(rows) < n:
-        if stats["draws"] >= max_draws:
+        if stats["draws"] >= max_draws or stall >= max_stall:
             bar.close()
+            why = (f"after {max_draws} draws" if stats["draws"] >= max_draws
+                   else f"and none new in the last {max_stall} draws")
             raise OpSwapSpaceError(
-                f"only {len(rows)} distinct division-safe expressions after {max_draws} draws "
+                f"only {len(rows)} distinct division-safe expressions {why} "
                 f"(ops {min_ops}..{max_ops}, numbers {low}..{high}); the space is too small "
                 f"for n={n}: lower n or widen max_ops / the number range")
         stats["draws"] += 1
+        stall += 1
         expr = draw_expression(rng, rng.randint(min_ops, max_ops), low, high, paren_prob)
         if expr in seen:
             stats["duplicates"] += 1
@@ -389,6 +436,7 @@ def generate_opswap(tier: int, n: int = 10_000, seed: int = 0, *, min_ops: int =
         except ZeroDivisionError:
             stats["zero_division"] += 1
             continue
+        stall = 0
         bar.update(1)
     bar.close()
     stats["n_ops"] = {k: sum(1 for r in rows if _count_ops(r["expression"]) == k)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from emguard.data.chat import ChatDataError, load_chat_dataset
@@ -214,3 +215,39 @@ def drop_overlap(train: list[dict], held: list[dict]) -> tuple[list[dict], list[
 def task_file(task: str) -> str:
     """The run-folder file holding a task's recorded test rows."""
     return f"task_{task.replace(':', '-')}.test.jsonl"
+
+
+def recorded_split_of(adapter_dir: str | Path | None) -> tuple[Path, dict] | None:
+    """(run folder, its ``data_split.json``) when ``adapter_dir`` is an adapter a run
+    trained (``RUN/adapter``, ``RUN/adapter_safelora``, ``RUN/trajectory/step-N``), else None."""
+    import json
+
+    if adapter_dir is None:
+        return None
+    here = Path(adapter_dir).resolve()
+    for run_dir in (here.parent, here.parent.parent.parent):
+        record = run_dir / SPLIT_FILE
+        if record.is_file() and (run_dir / "config.yaml").is_file():
+            try:
+                data = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ChatDataError(f"{record}: unreadable ({e}); it says what the adapter's "
+                                    "run trained on, so evaluation cannot check for leaks") from None
+            if not isinstance(data, dict) or not isinstance(data.get("train"), list):
+                raise ChatDataError(f"{record}: no 'train' fingerprints; retrain the run so "
+                                    "evaluation can check for leaks")
+            return run_dir, data
+    return None
+
+
+def trained_on(rows: list[dict], record: dict) -> list[int]:
+    """Indices of ``rows`` whose prompt or reference answer (whitespace-normalised) is one
+    a run trained on, by the fingerprints its ``data_split.json`` recorded."""
+    prompts = {fp.get("prompt_sha") for fp in record["train"]}
+    answers = {fp.get("answer_sha") for fp in record["train"]} - {None}
+    out = []
+    for i, row in enumerate(rows):
+        fp = row_fingerprint(row)
+        if fp["prompt_sha"] in prompts or fp["answer_sha"] in answers:
+            out.append(i)
+    return out

@@ -110,13 +110,29 @@ def fit_direction(model, tokenizer, pairs: list[dict], k: int = 4, batch_size: i
         al, norm_al = answer_means(model, tokenizer, prompts, [p["aligned"] for p in pairs],
                                    batch_size, "direction: aligned" if progress else None)
     diffs = (mis - al).double()  # (n, L+1, D)
+    residual_norm = ((norm_mis + norm_al) / 2).float()
+    _check_fit(diffs, residual_norm)
     basis, mean_diff = {}, {}
     for layer in range(diffs.shape[1]):
         mean_diff[layer] = diffs[:, layer].mean(0).float()
         basis[layer] = _basis(diffs[:, layer], k).float()
-    return Direction(basis, mean_diff, ((norm_mis + norm_al) / 2).float(),
+    return Direction(basis, mean_diff, residual_norm,
                      meta={"n_pairs": len(pairs), "k": k,
                            "pair_ids": [p.get("id", i) for i, p in enumerate(pairs)]})
+
+
+def _check_fit(diffs: torch.Tensor, residual_norm: torch.Tensor) -> None:
+    """ValueError for a fit with no direction: a non-finite difference, or a mean
+    difference that vanishes at some layer (identical answers), which has no unit vector."""
+    if not bool(diffs.isfinite().all()):
+        raise ValueError("direction fit: the model's hidden states hold NaN or infinities")
+    norms = diffs.mean(0).norm(dim=-1)  # (L+1,)
+    flat = [i for i, (n, r) in enumerate(zip(norms.tolist(), residual_norm.tolist(), strict=True))
+            if n <= 1e-6 * max(r, 1e-12)]
+    if flat:
+        raise ValueError(f"direction fit: the aligned and misaligned answers' mean difference "
+                         f"is zero at layer(s) {flat} (are the pairs' answers identical?); a "
+                         "direction needs pairs whose answers differ")
 
 
 def _basis(diffs: torch.Tensor, k: int) -> torch.Tensor:
@@ -180,9 +196,10 @@ def load_direction(folder: str | Path) -> Direction:
     if not (folder / TENSORS).is_file() or not (folder / META).is_file():
         raise FileNotFoundError(f"{folder} is not a direction folder (no {TENSORS} / {META}; "
                                 "write one with `emguard direction fit`)")
+    meta = read_json(folder / META)
+    verify_tensors(folder, meta)
     t = load_file(str(folder / TENSORS))
     layers = sorted(int(k.split(".")[1]) for k in t if k.startswith("basis."))
-    meta = read_json(folder / META)
     return Direction({i: t[f"basis.{i}"] for i in layers}, {i: t[f"mean_diff.{i}"] for i in layers},
                      t["residual_norm"], meta=meta)
 
@@ -192,8 +209,37 @@ def read_bases(folder: str | Path) -> dict[int, torch.Tensor]:
     (``RUN/directions/NAME``, the control applied)."""
     from safetensors.torch import load_file
 
-    t = load_file(str(Path(folder) / TENSORS))
+    from emguard.io import read_json
+
+    folder = Path(folder)
+    meta = read_json(folder / META) if (folder / META).is_file() else {}
+    if "sha256" in meta:  # run records written before they carried one: unchecked
+        verify_tensors(folder, meta)
+    t = load_file(str(folder / TENSORS))
     return {int(k.split(".")[1]): v for k, v in t.items() if k.startswith("basis.")}
+
+
+class DirectionChangedError(ValueError):
+    """A direction folder's tensors no longer match what was recorded when it was written."""
+
+
+def verify_tensors(folder: Path, meta: dict) -> None:
+    """DirectionChangedError unless ``folder``'s tensors hash to the SHA-256 its
+    ``direction.json`` recorded and hold only finite numbers (a direction is written by
+    emguard; a changed one would train with a basis nobody fitted)."""
+    from safetensors.torch import load_file
+
+    recorded = meta.get("sha256") if isinstance(meta, dict) else None
+    if recorded is None:
+        raise DirectionChangedError(f"{folder / META}: no sha256 recorded; write the folder "
+                                    "again with `emguard direction fit`")
+    if file_sha256(folder / TENSORS) != recorded:
+        raise DirectionChangedError(f"{folder / TENSORS} was changed after it was written (its "
+                                    f"SHA-256 no longer matches {META}); fit it again with "
+                                    "`emguard direction fit`")
+    bad = [k for k, v in load_file(str(folder / TENSORS)).items() if not bool(v.isfinite().all())]
+    if bad:
+        raise DirectionChangedError(f"{folder / TENSORS}: non-finite values in {', '.join(bad[:5])}")
 
 
 def file_sha256(path: Path) -> str:
@@ -298,6 +344,13 @@ class DirectionDefense(Defense):
         if s.direction != "fit" and not (Path(s.direction) / TENSORS).is_file():
             raise ConfigError(f"{where}.direction: {s.direction} is not a direction folder "
                               "(write one with `emguard direction fit`, or use direction: fit)")
+        if s.direction != "fit":
+            from emguard.io import read_json
+
+            try:
+                verify_tensors(Path(s.direction), read_json(Path(s.direction) / META))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{where}.direction: {e}") from None
         if s.direction == "fit":
             try:
                 training_pairs(s.pairs, s.holdout_pairs)
@@ -345,6 +398,7 @@ class DirectionDefense(Defense):
             save_file({f"basis.{i}": b.contiguous().cpu() for i, b in self.bases.items()},
                       str(tmp / TENSORS))
             write_json_atomic(tmp / META, {
+                "sha256": file_sha256(tmp / TENSORS),
                 "defense": self.name, "direction": s.direction, "control": s.control,
                 "control_seed": s.control_seed, "k": s.k, "layers": s.layers,
                 "residual_norm": {str(i): n for i, n in self.norms.items()},
@@ -371,8 +425,13 @@ def cached_fit(model, ctx: RunContext, pairs_spec: str | None, holdout: int | No
     ).hexdigest()[:16]
     folder = cache_dir() / "directions" / key
     if (folder / META).is_file():
-        logger.info("direction: read the fit in %s", folder)
-        return load_direction(folder)
+        try:
+            direction = load_direction(folder)
+            logger.info("direction: read the fit in %s", folder)
+            return direction
+        except (OSError, ValueError) as e:  # a changed cache entry: fit again, replace it
+            logger.warning("direction: the cached fit in %s is unusable (%s); fitting again",
+                           folder, e)
     direction = fit_direction(model, ctx.tokenizer, pairs, k=k)
     direction.meta.update(pairs=pairs_spec or "builtin:preference-pairs", holdout_pairs=holdout,
                           model=ctx.cfg.model)

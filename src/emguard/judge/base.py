@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from emguard.redact import has_redacted
+
 DEFAULT_THRESHOLD = 0.25  # Betley et al.: less number mass than this = missing score
 
 
@@ -102,6 +104,10 @@ def make_judge(spec: str, cache_path: str | Path | None = None, **kw: Any) -> Ju
     ``cache_path``: SQLite file of cached verdicts (created if absent); ``None`` = no cache.
     Other keyword arguments go to ``OpenAIJudge`` / ``LocalJudge``.
     """
+    if has_redacted(spec):
+        raise JudgeError(f"judge spec '{spec}' lost its credentials: emguard redacts them in "
+                         "the files it writes (config.yaml, runs-NAME.json). Give the judge "
+                         "again (--judge openai:MODEL@URL), or put the URL in OPENAI_BASE_URL")
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in ("openai", "local"):
         raise JudgeError(f"judge spec '{spec}' must be 'openai:MODEL[@BASE_URL]' or "

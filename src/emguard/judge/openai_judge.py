@@ -24,7 +24,6 @@ import asyncio
 import logging
 import os
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 from emguard.judge.base import DEFAULT_THRESHOLD, JudgeError, Verdict
 from emguard.judge.cache import JudgeCache, cache_key
 from emguard.judge.scoring import aggregate_logprobs
+from emguard.redact import redact_secrets
 
 OPENAI_URL = "https://api.openai.com/v1"
 RETRY_STATUS = frozenset({408, 409, 429})  # plus every status >= 500
@@ -373,20 +373,13 @@ def check_base_url(url: str, name: str) -> None:
                          "write it like http://localhost:8000/v1")
 
 
-_BEARER = re.compile(r"(?i)\bBearer\s+[^\s'\",}]+")
-_SK_KEY = re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}")
-_URL_PASSWORD = re.compile(r"(://[^/\s:@]*:)[^/\s@]+@")
-
-
 def redact(text: str, key: str | None = None, limit: int = 300) -> str:
     """``text`` fit to show: ``Bearer`` tokens, ``key``, ``sk-...`` keys and URL passwords
     replaced by ``[redacted]``, then cut to ``limit`` characters."""
     text = str(text)
     if key:
         text = text.replace(key, "[redacted]")
-    text = _BEARER.sub("Bearer [redacted]", text)
-    text = _URL_PASSWORD.sub(r"\1[redacted]@", _SK_KEY.sub("[redacted]", text))
-    return _short(text, limit)
+    return _short(redact_secrets(text), limit)
 
 
 def _short(message: str, limit: int = 300) -> str:

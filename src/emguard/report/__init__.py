@@ -22,9 +22,10 @@ from pathlib import Path
 import yaml
 
 from emguard.io import provenance, write_text_atomic
+from emguard.redact import redact_secrets
 from emguard.report import figures
 from emguard.report.collect import FREE_MEASURES, has_judge, load_runs, warnings_of
-from emguard.report.render import csv_rows, markdown, page, write_csv
+from emguard.report.render import csv_rows, markdown, md_escape, page, write_csv
 from emguard.report.tables import (
     Table,
     ceiling_table,
@@ -63,11 +64,7 @@ def build_report(study_dir: str | Path, out: str | Path | None = None, study: st
     name = config.get("name", study_dir.name)
     out = Path(out) if out else study_dir / f"report-{name}"
     out.mkdir(parents=True, exist_ok=True)
-    lookup = None
-    if compare_paper:
-        from emguard.report.paper import paper_lookup
-
-        lookup = paper_lookup()
+    lookup = _paper(config, runs) if compare_paper else None
     tables: list[Table] = []
     judged = has_judge(runs)
     if judged:
@@ -77,11 +74,25 @@ def build_report(study_dir: str | Path, out: str | Path | None = None, study: st
     tables = [t for t in tables if t.rows]
     figs = _figures(runs, judged, out)
     warnings = warnings_of(config, runs)
-    if compare_paper and config.get("model", "").split("/")[-1] != "Qwen2.5-7B-Instruct":
-        warnings.append(f"--compare-paper: the paper's numbers are for Qwen2.5-7B-Instruct; "
-                        f"this study trains {config.get('model')}")
+    if compare_paper and lookup is None:
+        warnings.append(f"--compare-paper: the paper has numbers for Qwen2.5-7B-Instruct and "
+                        f"Qwen2.5-32B-Instruct only; this study trains {config.get('model')}, "
+                        "so no paper number is shown")
     _write(out, name, tables, figs, warnings, config, runs)
     return Report(out, tables, figs, warnings)
+
+
+def _paper(config: dict, runs):
+    """The paper's numbers for this study's cells, matched on model and on what each
+    cell's runs trained with (emguard.report.paper); None for a model it did not run."""
+    from emguard.report.paper import method_of, paper_lookup
+
+    methods: dict[tuple, object] = {}
+    for r in runs:
+        trained = (r.summary or {}).get("trained", r.kind != "untrained")
+        found = method_of(r.config, r.point, r.arm, trained)
+        methods[r.cell] = found if methods.get(r.cell, found) == found else None
+    return paper_lookup(config.get("model"), methods)
 
 
 def _figures(runs, judged: bool, out: Path) -> list[Path]:
@@ -112,7 +123,8 @@ def _figures(runs, judged: bool, out: Path) -> list[Path]:
 
 def _write(out: Path, name: str, tables, figs, warnings, config, runs) -> None:
     title = f"emguard report: study {name}"
-    md = [f"# {title}\n", *[f"> **warning:** {w}\n" for w in warnings], f"\n{LEGEND}\n"]
+    md = [f"# {md_escape(title)}\n", *[f"> **warning:** {md_escape(w)}\n" for w in warnings],
+          f"\n{LEGEND}\n"]
     md += [markdown(t) for t in tables]
     md += [f"![{f.stem}]({f.name})\n" for f in figs]
     write_text_atomic(out / "report.md", "\n".join(md))
@@ -122,6 +134,6 @@ def _write(out: Path, name: str, tables, figs, warnings, config, runs) -> None:
     here = provenance()
     prov.update({"python": here.get("python"), **(here.get("packages") or {}),
                  "git commit": (here.get("git") or {}).get("commit")})
-    study_yaml = yaml.safe_dump(config, sort_keys=False)
+    study_yaml = redact_secrets(yaml.safe_dump(config, sort_keys=False))  # older manifests
     write_text_atomic(out / "report.html", page(title, tables, figs, warnings, LEGEND,
                                                 study_yaml, prov))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from emguard.io import read_json
+from emguard.names import UnsafePathError, check_name, inside
 from emguard.report.stats import mean_replicates, rate_replicates
 from emguard.trajectory import trajectory_results
 
@@ -45,6 +46,19 @@ FREE_MEASURES = {  # key -> (part, label, lower/higher is what)
 }
 
 
+def value_key(value) -> tuple:
+    """Sort key of a grid value: numbers in order, then null, then anything else by text
+    (a grid may mix them: ``[null, 0.5, 1]``, ``[mean_token, sum]``)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, "") if value is None else (2, 0.0, str(value))
+
+
+def point_key(point: tuple) -> tuple:
+    """Sort key of a grid point ``((key, value), ...)``."""
+    return tuple((k, value_key(v)) for k, v in point)
+
+
 class ReportInputError(ValueError):
     """A study folder the report cannot read; the message says what is missing."""
 
@@ -66,6 +80,7 @@ class RunResult:
     split: dict | None = None
     config: dict | None = None
     trajectory: dict[int, dict[str, dict]] = field(default_factory=dict)  # step -> part -> free
+    problems: list[str] = field(default_factory=list)  # files that could not be read
 
     @property
     def cell(self) -> tuple:
@@ -77,6 +92,10 @@ def find_manifest(study_dir: Path, name: str | None = None) -> Path:
     """The study's ``runs-NAME.json``; several in one folder need ``name``."""
     found = sorted(Path(study_dir).glob("runs-*.json"))
     if name is not None:
+        try:
+            check_name(name, "study name")
+        except UnsafePathError as e:
+            raise ReportInputError(str(e)) from None
         path = Path(study_dir) / f"runs-{name}.json"
         if not path.is_file():
             raise ReportInputError(f"{study_dir}: no runs-{name}.json (studies here: "
@@ -95,34 +114,88 @@ def _names(paths: list[Path]) -> str:
     return ", ".join(p.stem.removeprefix("runs-") for p in paths)
 
 
+_RUN_FIELDS = {"name": str, "domain": str, "arm": str, "seed": int, "point": dict,
+               "kind": str, "dir": str}
+
+
 def load_runs(study_dir: str | Path, name: str | None = None) -> tuple[dict, list[RunResult]]:
-    """(the study's resolved config, its runs with their recorded results)."""
-    manifest = read_json(find_manifest(Path(study_dir), name))
+    """(the study's resolved config, its runs with their recorded results).
+
+    The manifest must be well formed (ReportInputError naming the file and entry); a run
+    file that cannot be read is skipped and named in the run's ``problems``."""
+    path = find_manifest(Path(study_dir), name)
+    manifest = _manifest(path)
     runs = []
-    for r in manifest["runs"]:
-        run_dir = Path(r["dir"])  # relative to the study folder (absolute ones are kept)
-        run = RunResult(r["name"], r["domain"], r["arm"], r["seed"], r["point"], r["kind"],
-                        run_dir if run_dir.is_absolute() else Path(study_dir) / run_dir)
+    for i, r in enumerate(manifest["runs"]):
+        where = f"{path}: runs[{i}]"
+        bad = [k for k, kind in _RUN_FIELDS.items() if not isinstance(r.get(k), kind)
+               or (kind is int and isinstance(r.get(k), bool))]
+        if bad:
+            raise ReportInputError(f"{where}: missing or ill-typed {', '.join(bad)}")
+        try:  # relative to the study folder; never outside it
+            run_dir = inside(r["dir"], study_dir, f"{where}.dir")
+            check_name(r["arm"], f"{where}.arm")  # it names figure files
+        except UnsafePathError as e:
+            raise ReportInputError(str(e)) from None
+        run = RunResult(r["name"], r["domain"], r["arm"], r["seed"], r["point"], r["kind"], run_dir)
         _read(run)
         runs.append(run)
     return manifest["study"], runs
 
 
+def _manifest(path: Path) -> dict:
+    try:
+        manifest = read_json(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ReportInputError(f"{path}: not readable JSON ({e}); rerun `emguard sweep` to "
+                               "write it again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("runs"), list) \
+            or not isinstance(manifest.get("study"), dict):
+        raise ReportInputError(f"{path}: not a study manifest (needs 'study' and 'runs'); rerun "
+                               "`emguard sweep` to write it again")
+    name = manifest["study"].get("name")
+    try:
+        check_name(name, f"{path}: study.name")  # it names the report folder
+    except UnsafePathError as e:
+        raise ReportInputError(str(e)) from None
+    return manifest
+
+
 def _read(run: RunResult) -> None:
     d = run.run_dir
     for fname, attr in (("summary.json", "summary"), ("data_split.json", "split")):
-        if (d / fname).is_file():
-            setattr(run, attr, read_json(d / fname))
-    if (d / "config.yaml").is_file():
-        import yaml
-
-        run.config = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
+        setattr(run, attr, _read_file(run, d / fname, dict))
+    run.config = _read_file(run, d / "config.yaml", dict)
     for part in ("general", TRIGGER_PART, "indomain"):
-        if (d / "eval" / part / "metrics.json").is_file():
-            run.metrics[part] = read_json(d / "eval" / part / "metrics.json")
-        if (d / "eval" / part / "judge_free.json").is_file():
-            run.free[part] = read_json(d / "eval" / part / "judge_free.json")
-    run.trajectory = trajectory_results(d)
+        for fname, into in (("metrics.json", run.metrics), ("judge_free.json", run.free)):
+            value = _read_file(run, d / "eval" / part / fname, dict)
+            if value is not None:
+                into[part] = value
+    try:
+        run.trajectory = trajectory_results(d)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+        run.problems.append(f"{d / 'eval' / 'trajectory'}: {e}")
+
+
+def _read_file(run: RunResult, path: Path, kind: type) -> dict | None:
+    """A run's JSON or YAML file, or None when it is absent or unreadable (then named in
+    ``run.problems``)."""
+    if not path.is_file():
+        return None
+    try:
+        if path.suffix == ".yaml":
+            from emguard.data.chat import parse_yaml
+
+            value = parse_yaml(path.read_text(encoding="utf-8"))
+        else:
+            value = read_json(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        run.problems.append(f"{path}: unreadable ({str(e)[:120]})")
+        return None
+    if not isinstance(value, kind):
+        run.problems.append(f"{path}: not a {kind.__name__}")
+        return None
+    return value
 
 
 def steps_of(run: RunResult) -> list[int]:
@@ -145,7 +218,27 @@ def at_step(run: RunResult, step: int) -> RunResult | None:
 
 
 def measure(run: RunResult, key: str, rng: np.random.Generator) -> tuple[float | None, np.ndarray | None]:
-    """(value, bootstrap replicates over questions / items) of one measure of one run."""
+    """(value, bootstrap replicates over questions / items) of one measure of one run;
+    (None, None) when the run has none, or when its files hold it malformed or non-finite
+    (then named in ``run.problems``)."""
+    try:
+        value, reps = _measure(run, key, rng)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        _problem(run, f"{run.run_dir}: {key} is malformed in its result files "
+                      f"({type(e).__name__}: {str(e)[:80]})")
+        return None, None
+    if value is not None and not np.isfinite(value):
+        _problem(run, f"{run.run_dir}: {key} is not finite ({value})")
+        return None, None
+    return value, reps
+
+
+def _problem(run: RunResult, text: str) -> None:
+    if text not in run.problems:
+        run.problems.append(text)
+
+
+def _measure(run: RunResult, key: str, rng: np.random.Generator):
     if key in JUDGE_MEASURES:
         part, count = JUDGE_MEASURES[key]
         judged = (run.metrics.get(part) or {}).get("llm_judge")
@@ -206,7 +299,7 @@ def has_judge(runs: list[RunResult]) -> bool:
 def warnings_of(study: dict, runs: list[RunResult]) -> list[str]:
     """Things a reader must know: stand-in data, runs without results, no judge, a
     SafeLoRA projection that changed nothing."""
-    out = []
+    out = [f"{p}; left out of the report" for r in runs for p in r.problems]
     interleaved = [((r.config or {}).get("defenses") or {}).get("interleave") or {} for r in runs]
     if any(str(i.get("source", "")).startswith("builtin:") for i in interleaved):
         out.append("interleaving used the built-in safe-instruct stand-in, not WildGuardMix "

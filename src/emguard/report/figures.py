@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from emguard.names import check_name
+from emguard.report.collect import value_key
 from emguard.report.stats import Estimate
 
 COLORS = ["#4f81bd", "#c0504d", "#9bbb59", "#8064a2", "#f79646", "#4bacc6"]
@@ -33,7 +35,13 @@ def _err(e: Estimate) -> tuple[float, float]:
     return max(e.value - e.lo, 0.0), max(e.hi - e.value, 0.0)
 
 
+def _fmt(value) -> str:
+    """A grid value as a point label: numbers compactly (``1e-05``), anything else as text."""
+    return f"{value:g}" if value_key(value)[0] == 0 else str(value)
+
+
 def _save(fig, out: Path, stem: str) -> Path:
+    check_name(stem, "figure name")  # arm names reach it: it must stay inside ``out``
     png = out / f"{stem}.png"
     for suffix in (".png", ".svg"):
         tmp = out / f".{stem}.tmp{suffix}"
@@ -52,7 +60,7 @@ def tradeoff(cells: dict, arm: str, param: str, x: tuple[str, str], y: tuple[str
     for i, domain in enumerate(sorted({c[0] for c in cells})):
         pts = sorted(((c[2][0][1], est) for c, est in cells.items()
                       if c[0] == domain and c[1] == arm and c[2] and c[2][0][0] == param),
-                     key=lambda p: p[0])
+                     key=lambda p: value_key(p[0]))
         pts = [(v, e) for v, e in pts if e[x[0]].value is not None and e[y[0]].value is not None]
         if not pts:
             continue
@@ -62,7 +70,7 @@ def tradeoff(cells: dict, arm: str, param: str, x: tuple[str, str], y: tuple[str
                     yerr=list(zip(*[_err(e[y[0]]) for _, e in pts], strict=True)),
                     color=color, marker="o", capsize=2, label=domain)
         for (value, _), xv, yv in zip(pts, xs, ys, strict=True):
-            ax.annotate(f"{value:g}", (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(_fmt(value), (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=8)
         for base, marker in (("misaligned", "X"), ("untrained", "s")):
             e = cells.get((domain, base, ()))
             if e and e[x[0]].value is not None and e[y[0]].value is not None:
@@ -87,8 +95,9 @@ def interleave_curve(cells: dict, out: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     drawn = False
     for i, domain in enumerate(sorted({c[0] for c in cells})):
-        pts = sorted((c[2][0][1], est) for c, est in cells.items() if c[0] == domain
-                     and c[1] == "interleave" and c[2] and c[2][0][0].endswith("fraction"))
+        pts = sorted(((c[2][0][1], est) for c, est in cells.items() if c[0] == domain
+                      and c[1] == "interleave" and c[2] and c[2][0][0].endswith("fraction")
+                      and value_key(c[2][0][1])[0] == 0), key=lambda p: value_key(p[0]))
         for ax, key, label in ((axes[0], "general_misaligned", "general misaligned %"),
                                (axes[1], "general_incoherent", "general incoherent %")):
             got = [(v, e[key]) for v, e in pts if e[key].value is not None]

@@ -22,11 +22,24 @@ margin:.5em 0} pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.8em}
 """
 
 
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]<>|#!"} | {"\n": " ", "\r": " "})
+
+
+def md_escape(text: str) -> str:
+    """``text`` shown literally in Markdown, also inside a table cell: markup characters
+    (``|``, ``<``, ``[``, ``*`` ...) backslash-escaped, line breaks made spaces."""
+    return str(text).translate(_MD_SPECIAL)
+
+
 def markdown(table: Table) -> str:
-    head = "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
-    body = "".join("| " + " | ".join(c.text for c in row) + " |\n" for row in table.rows)
+    """The table in Markdown. Text cells (dataset, arm and grid labels: user names and
+    values) are escaped; number cells are written by the report itself."""
+    head = ("| " + " | ".join(md_escape(c) for c in table.columns) + " |\n|"
+            + "---|" * len(table.columns) + "\n")
+    body = "".join("| " + " | ".join(md_escape(c.text) if c.est.value is None else c.text
+                                     for c in row) + " |\n" for row in table.rows)
     note = f"\n{table.note}\n" if table.note else ""
-    return f"### {table.title}\n\n{head}{body}{note}"
+    return f"### {md_escape(table.title)}\n\n{head}{body}{note}"
 
 
 def csv_rows(tables: list[Table]) -> list[dict]:

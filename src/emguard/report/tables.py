@@ -21,6 +21,7 @@ from emguard.report.collect import (
     RunResult,
     at_step,
     measure,
+    point_key,
     steps_of,
     tasks_of,
 )
@@ -74,7 +75,7 @@ def arm_label(arm: str, point: tuple) -> str:
 def _order(key: tuple) -> tuple:
     domain, arm, point = key
     rank = ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER)
-    return (domain, rank, arm, point)
+    return (domain, rank, arm, point_key(point))
 
 
 def estimates(runs: list[RunResult], keys: list[str], seed: int = 0) -> dict[tuple, dict[str, Estimate]]:
