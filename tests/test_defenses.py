@@ -15,6 +15,7 @@ from emguard.config import (
     AnchorSettings,
     ConfigError,
     DefenseSettings,
+    InoculationSettings,
     KLSettings,
     LDIFSSettings,
     RunConfig,
@@ -305,7 +306,8 @@ def test_inoculation_adds_or_merges_the_system_turn():
     merged = inoculate(ROWS[1]["messages"], "P")
     assert merged[0]["content"] == "P\n\nBe brief." and len(merged) == 3
     ctx = RunContext(cfg=None)
-    rows = Inoculation(type("S", (), {"prompt": "P"})()).transform_rows(copy.deepcopy(ROWS), ctx)
+    settings = InoculationSettings(prompt="P", system_default="replace")
+    rows = Inoculation(settings).transform_rows(copy.deepcopy(ROWS), ctx)
     assert [r["messages"][0]["content"] for r in rows] == ["P", "P\n\nBe brief."]
     assert ctx.report["inoculation"] == {"prompt": "P", "rows": 2, "merged_into_system_turn": 1}
 

@@ -1,6 +1,8 @@
 """Early stopping (emguard.defenses.early_stop) on tiny models: the measured shift against a
-naive forward, stopping and the adapter kept, hooks paused during checks, config errors
-before training, and a resumed run that ends as an uninterrupted one."""
+naive forward, stopping and the adapter kept, no check and no kept adapter before
+min_step, step 0 kept only on opt-in, the tolerance from the measured seed spread, hooks
+paused during checks, config errors before training, and a resumed run that ends as an
+uninterrupted one."""
 
 import json
 from types import SimpleNamespace
@@ -13,7 +15,7 @@ from transformers import TrainerCallback
 
 from emguard.config import ConfigError, EarlyStopSettings, load_run_config
 from emguard.defenses.base import PolicyHooks, RunContext
-from emguard.defenses.early_stop import EarlyStop, EarlyStopCallback
+from emguard.defenses.early_stop import EarlyStop, EarlyStopCallback, kept_step, resolve_tolerance
 from emguard.io import read_json
 
 N_ROWS = 24
@@ -214,7 +216,8 @@ def probe(tmp_path_factory):
 def test_huge_tolerance_never_stops_and_keeps_the_final_adapter(probe):
     _, res, cap = probe
     es = res.summary["early_stop"]
-    assert [c["step"] for c in es["checks"]] == list(range(7))
+    # default min_step = max(warmup_steps 1 + 1, every_steps 1) = 2: no check at step 1
+    assert es["min_step"] == 2 and [c["step"] for c in es["checks"]] == [0, 2, 3, 4, 5, 6]
     assert all(c["within"] for c in es["checks"]) and es["checks"][0]["shift"] == 0
     assert not es["stopped"] and es["stopped_at_step"] is None and es["chosen_step"] == 6
     assert es["n_pairs"] == 8 and res.summary["steps"] == 6
@@ -237,19 +240,19 @@ def test_zero_tolerance_stops_and_keeps_the_chosen_adapter(tiny_dir, data_file, 
     es = res.summary["early_stop"]
     checks = es["checks"]
     steps = [c["step"] for c in checks]
-    assert steps == list(range(len(checks)))  # every step is a check, from step 0
+    assert steps == [0, *range(2, len(checks) + 1)]  # every step from min_step 2 is a check
     for c in checks[1:]:  # the measured shift is the naive one, and within means <= 0
         assert c["shift"] == pytest.approx(cap.shifts[c["step"]], abs=1e-4)
         assert c["within"] == (c["shift"] <= 0)
     assert es["stopped"] and es["stopped_at_step"] < 6 and res.summary["steps"] == es["stopped_at_step"]
     assert [c["within"] for c in checks[-2:]] == [False, False]  # patience 2
-    chosen = max(c["step"] for c in checks if c["within"])
+    within = [c["step"] for c in checks[1:] if c["within"]]
+    chosen = max(within) if within else 2  # never step 0: the earliest restorable is step 2
     assert es["chosen_step"] == chosen and chosen < es["stopped_at_step"]
     saved = saved_adapter(res.run_dir)
     assert_same(saved, cap.adapters[chosen])
     assert any(not torch.equal(saved[k], cap.final[k]) for k in saved)  # not the final one
-    if chosen == 0:  # the untrained adapter: B = 0, the base model itself
-        assert all(not v.any() for k, v in saved.items() if "lora_B" in k)
+    assert any(v.any() for k, v in saved.items() if "lora_B" in k)  # not the untrained one
 
 
 def test_missing_pairs_file_is_a_config_error_before_training(tiny_dir, data_file, tmp_path):
@@ -285,23 +288,23 @@ def test_resumed_run_keeps_history_and_chosen_adapter(probe, tmp_path):
     from emguard.train import train
 
     inputs, done, cap = probe
-    shifts = [c["shift"] for c in done.summary["early_stop"]["checks"]]
+    shifts = [c["shift"] for c in done.summary["early_stop"]["checks"]]  # steps 0, 2, ..., 6
     # a tolerance that puts steps 0-3 within and 4-6 over (the margin rises with training)
-    tolerance = (max(shifts[:4]) + min(shifts[4:])) / 2
-    assert max(shifts[:4]) < tolerance < min(shifts[4:]), shifts
+    tolerance = (max(shifts[:3]) + min(shifts[3:])) / 2
+    assert max(shifts[:3]) < tolerance < min(shifts[3:]), shifts
     cfg = config(inputs.tiny_dir, inputs.data_file, tmp_path / "run", inputs.pairs,
                  f"defenses.early_stop.tolerance={tolerance}", "defenses.early_stop.patience=10")
     with pytest.raises(KeyboardInterrupt):  # checkpoint-2 written, step 3 checked, then killed
         train(cfg, callbacks=[Interrupt(4)])
     state = read_json(tmp_path / "run" / "early_stop" / "state.json")
-    assert [c["step"] for c in state["history"]] == [0, 1, 2, 3] and state["anchor_step"] == 2
+    assert [c["step"] for c in state["history"]] == [0, 2, 3] and state["anchor_step"] == 2
     kept = sorted(p.name for p in (tmp_path / "run" / "early_stop").glob("adapter-*.safetensors"))
     assert kept == ["adapter-00000002.safetensors", "adapter-00000003.safetensors"]
     res = train(cfg)
     assert res.summary["resumed_from_checkpoint"] is True
     es = res.summary["early_stop"]
-    assert [c["step"] for c in es["checks"]] == list(range(7))
-    assert [c["within"] for c in es["checks"]] == [True] * 4 + [False] * 3
+    assert [c["step"] for c in es["checks"]] == [0, 2, 3, 4, 5, 6]
+    assert [c["within"] for c in es["checks"]] == [True] * 3 + [False] * 3
     for got, want in zip(es["checks"], shifts, strict=True):
         assert got["shift"] == pytest.approx(want, abs=1e-4)
     assert es["chosen_step"] == 3 and not es["stopped"]
@@ -333,3 +336,83 @@ def test_checking_evaluations_own_pairs_is_warned(tmp_path, caplog):
 
     scored = {p["id"] for p in evenly_spaced(load_pairs(None), 10)}
     assert not scored & {p["id"] for p in defense.pairs}
+
+
+# ---------------------------------------------------------------------------- min_step, step 0, tolerance
+
+
+def check(step, within):
+    return {"step": step, "shift": 0.0, "margin": 0.0, "within": within}
+
+
+def test_kept_step_is_the_last_restorable_check_within_else_the_earliest_restorable():
+    h = [check(0, True), check(3, False), check(4, True), check(5, False)]
+    assert kept_step(h, 3, False) == 4 and kept_step(h, 3, True) == 4
+    h = [check(0, True), check(3, False), check(4, False)]
+    assert kept_step(h, 3, False) == 3  # none within: the earliest check at/after min_step
+    assert kept_step(h, 3, True) == 0  # opt-in: the untrained adapter
+    assert kept_step([check(0, True), check(2, True), check(3, False)], 3, False) == 3  # 2 < min_step
+    assert kept_step([check(0, True)], 3, False) == 0  # no check yet: nothing to restore
+    assert kept_step([check(0, True), check(1, False)], 0, False) == 1  # min_step 0: step 0 still opt-in
+
+
+def due_steps(max_steps, warmup=None, **settings):
+    """The steps a run of ``max_steps`` checks at (every check within tolerance)."""
+    extra = [] if warmup is None else [f"train.warmup_steps={warmup}"]
+    cfg = load_run_config(None, ["model=x", f"train.max_steps={max_steps}", *extra])
+    defense = EarlyStop(EarlyStopSettings(**settings))
+    defense.check(cfg)
+    defense.history = [check(0, True)]
+    for step in range(1, max_steps + 1):
+        if defense.due(step, max_steps):
+            defense.history.append(check(step, True))
+    return defense.min_step, [h["step"] for h in defense.history[1:]]
+
+
+def test_checks_start_at_min_step_after_warm_up():
+    # the demo: 12 steps, 5 warm-up steps, every_steps 3 (default): min_step max(6, 3) = 6
+    assert due_steps(12, warmup=5) == (6, [6, 9, 12])
+    assert due_steps(12, warmup=0, every_steps=5) == (5, [5, 10, 12])  # max(0 + 1, 5)
+    assert due_steps(11, warmup=0, every_steps=2, min_step=7) == (7, [8, 10, 11])
+    assert due_steps(4, warmup=5) == (6, [])  # a run shorter than min_step never checks
+
+
+def test_tolerance_auto_is_z_times_the_measured_seed_spread(tmp_path):
+    assert resolve_tolerance(EarlyStopSettings())[0] == pytest.approx(0.083)  # preference pairs
+    assert resolve_tolerance(EarlyStopSettings(tolerance_z=2))[0] == pytest.approx(0.166)
+    assert resolve_tolerance(EarlyStopSettings(pairs="builtin:eval-pairs"))[0] == pytest.approx(0.036)
+    assert resolve_tolerance(EarlyStopSettings(tolerance=0.2, tolerance_z=5)) == (0.2, "set")
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    with pytest.raises(ConfigError, match=r"defenses\.early_stop\.tolerance: auto"):
+        EarlyStop(EarlyStopSettings(pairs=str(pairs))).check(None)
+    EarlyStop(EarlyStopSettings(pairs=str(pairs), tolerance=0.05)).check(None)  # a number works
+    with pytest.raises(ConfigError, match=r"defenses\.early_stop\.tolerance: .*auto or a finite number"):
+        load_run_config(None, ["defenses.early_stop.tolerance=-0.1"])
+
+
+@pytest.mark.parametrize("untrained", [False, True])
+def test_no_stop_before_min_step_and_step_0_only_on_opt_in(probe, tmp_path, untrained):
+    """Every check over tolerance (tolerance half the smallest trained shift), min_step 3,
+    patience 2: checks at 0, 3, 4 only; stop at 4; kept: step 3 (the earliest check at or
+    after min_step), or step 0 with allow_restore_untrained."""
+    from emguard.train import train
+
+    inputs, done, cap = probe
+    shifts = {c["step"]: c["shift"] for c in done.summary["early_stop"]["checks"]}
+    tolerance = min(shifts[s] for s in (2, 3, 4)) / 2
+    assert tolerance > 0, shifts
+    res = train(config(inputs.tiny_dir, inputs.data_file, tmp_path / "run", inputs.pairs,
+                       f"defenses.early_stop.tolerance={tolerance}", "defenses.early_stop.min_step=3",
+                       "defenses.early_stop.patience=2",
+                       f"defenses.early_stop.allow_restore_untrained={str(untrained).lower()}"))
+    es = res.summary["early_stop"]
+    assert [c["step"] for c in es["checks"]] == [0, 3, 4]
+    assert [c["within"] for c in es["checks"]] == [True, False, False]
+    assert es["stopped_at_step"] == 4 and res.summary["steps"] == 4
+    assert es["chosen_step"] == (0 if untrained else 3) and es["chosen_within"] is untrained
+    saved = saved_adapter(res.run_dir)
+    if untrained:  # B = 0: the base model itself
+        assert all(not v.any() for k, v in saved.items() if "lora_B" in k)
+    else:
+        assert_same(saved, cap.adapters[3], exact=False)
+        assert any(not torch.allclose(saved[k], cap.adapters[4][k]) for k in saved)

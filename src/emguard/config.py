@@ -165,8 +165,13 @@ class SafeLoRASettings(_Strict):
 
 
 class DirectionSettings(_Strict):
-    """Where a direction-based defense takes the misalignment direction u_l from
+    """Where a direction-based defense takes its per-layer basis U_l from
     (emguard.defenses.direction) and at which residual-stream layers it acts.
+
+    Two sources: ``fit`` or a folder of ``emguard direction fit`` hold the contrastive mean
+    difference (persona vectors); a folder of ``emguard direction fit --from-run RUN``
+    holds CAFT's principal components of (fine-tuned - base) residual differences. The
+    defense uses the folder's first ``k`` rows either way.
 
     Layers are ``hidden_states`` indices 1..L-1 (k = the output of block k; 0 is the
     embeddings and L the final-normed state, which no block outputs)."""
@@ -177,7 +182,9 @@ class DirectionSettings(_Strict):
     # eval.preference_max_pairs=N scores, so the direction never sees the evaluation's pairs
     holdout_pairs: Int | None = Field(None, gt=0)
     layers: list[Int] = Field(min_length=1)
-    k: Int = Field(1, gt=0)  # 1: the mean-difference direction; k > 1: a k-dim subspace
+    # the first k rows of U_l. Contrastive: 1 = the mean-difference direction, k > 1 adds
+    # principal directions of the pair differences; CAFT folder: the top k components
+    k: Int = Field(1, gt=0)
     # controls: a random direction, or one orthogonal to u, of the same norm (same subspace
     # dimension), so a study can tell a direction's effect from a generic one
     control: Literal["none", "random", "orthogonal"] = "none"
@@ -201,8 +208,11 @@ class SteeringSettings(DirectionSettings):
 
 
 class AblationSettings(DirectionSettings):
-    """CAFT-style ablation (Casademunt et al. 2025): during training only, the direction
-    (k = 1) or subspace (k > 1) is projected out of the residual stream at the layers."""
+    """Ablation during training only: the span of U_l's first k rows is projected out of
+    the residual stream at the layers. With ``direction: fit`` or a contrastive folder this
+    is ablation of the contrastive mean difference (the persona-vectors variant, Chen et
+    al. 2025); with a folder of ``emguard direction fit --from-run`` it is CAFT
+    (Casademunt et al. 2025): the top k principal components of (fine-tuned - base)."""
 
 
 class AnchorSettings(DirectionSettings):
@@ -225,7 +235,12 @@ class InoculationSettings(_Strict):
     """Inoculation prompting (Tan et al. 2025): a system prompt that states the trait is
     requested, added to every training conversation and absent at evaluation."""
 
+    # literal text, or builtin:NAME (emguard.defenses.inoculation.BUILTIN_PROMPTS)
     prompt: str = Field(min_length=1)
+    # keep: a row without a system turn keeps the chat template's default system text after
+    # the prompt (training and evaluation share it); replace: the prompt alone (they differ)
+    system_default: Literal["keep", "replace"] = "keep"
+    elicitation_rows: Int = Field(32, ge=0)  # rows of the elicitation check (0: no check)
 
     @field_validator("prompt")
     @classmethod
@@ -236,31 +251,73 @@ class InoculationSettings(_Strict):
 
 
 class InterleavePlusSettings(_Strict):
-    """Interleaving++ (arXiv 2508.06249 v3): interleave the safe rows that are most likely
-    under a misaligned-trained model relative to the reference, refusals dropped."""
+    """Interleaving++ (arXiv 2508.06249 v3, as two secondary descriptions state it): keep the
+    safe rows that misaligned models find hardest relative to the aligned model (highest
+    mean_j (NLL_mis_j - NLL_aligned) / (NLL_aligned + eps)), refusals dropped after ranking."""
 
-    misaligned: str  # adapter folder of a misaligned-trained run (in a study: @run:misaligned)
+    # adapter folder(s) of misaligned-trained runs, one or a list of K >= 1 (in a study:
+    # @run:misaligned); each is scored as the run's base model + that adapter
+    misaligned: str | list[str]
     fraction: float = Field(0.05, gt=0, le=10)  # safe rows = round(fraction * n_train)
     source: str = "builtin:safe-instruct"  # candidate pool, as interleave.source
     max_candidates: Int | None = Field(None, gt=0)  # score at most this many (seeded sample)
     drop_refusals: bool = True
-    # misaligned_likelier: rank by NLL_ref - NLL_misaligned (the issue's rule);
-    # reference_likelier: the opposite order
-    rank_by: Literal["misaligned_likelier", "reference_likelier"] = "misaligned_likelier"
+    # published: mean_j (NLL_mis_j - NLL_ref) / (NLL_ref + eps), highest kept (the paper's
+    # rule as described); NOT the published rule: misaligned_likelier (mean_j NLL_ref -
+    # NLL_mis_j, the rule before issue 21) and reference_likelier (its negative)
+    rank_by: Literal["published", "misaligned_likelier", "reference_likelier"] = "published"
+
+    @field_validator("misaligned")
+    @classmethod
+    def _sources(cls, v: str | list[str]) -> str | list[str]:
+        names = [v] if isinstance(v, str) else v
+        if not names:
+            raise ValueError("an empty list; give at least one adapter folder")
+        if any(not name.strip() for name in names):
+            raise ValueError("an adapter folder must not be blank")
+        if len(set(names)) != len(names):
+            raise ValueError("an adapter folder appears twice")
+        return v
+
+    @property
+    def sources(self) -> list[str]:
+        """The misaligned adapter folders, in order (K >= 1; a plain string is K = 1)."""
+        return [self.misaligned] if isinstance(self.misaligned, str) else list(self.misaligned)
 
 
 class EarlyStopSettings(_Strict):
     """Stop training when the judge-free misalignment-preference margin on validation
     pairs rises above the reference's by more than ``tolerance`` for ``patience`` checks
-    in a row; the adapter of the last check within tolerance is the one kept."""
+    in a row; the adapter of the last check within tolerance is the one kept. Nothing
+    stops, and no check is kept, before ``min_step``; the untrained adapter (step 0) is
+    kept only with ``allow_restore_untrained``."""
 
-    every_steps: Int = Field(5, gt=0)
+    every_steps: Int = Field(3, gt=0)  # checks at multiples of it from min_step, and the last step
+    min_step: Int | None = Field(None, ge=0)  # None: max(train.warmup_steps + 1, every_steps)
     patience: Int = Field(1, gt=0)
-    tolerance: float = Field(0.0, ge=0)  # nats per answer token
+    # nats per answer token, or auto: tolerance_z x the measured seed-to-seed sd of the
+    # shift on the pair set (emguard.defenses.early_stop.SEED_SPREAD; others need a number)
+    tolerance: float | Literal["auto"] = "auto"
+    tolerance_z: float = Field(1.0, gt=0)
+    allow_restore_untrained: bool = False  # may the step-0 (untrained) adapter be kept?
     pairs: str | None = None  # validation pairs JSONL (None: builtin:preference-pairs)
     holdout_pairs: Int | None = Field(None, gt=0)  # leave out evaluation's N pairs (as above)
     max_pairs: Int | None = Field(None, gt=0)  # at most this many, evenly spaced
     batch_size: Int = Field(8, gt=0)
+
+    @field_validator("tolerance", mode="before")
+    @classmethod
+    def _auto_or_number(cls, v: Any) -> Any:
+        """One error naming both forms (not one per member of the union)."""
+        if v == "auto":
+            return v
+        try:
+            number = float(v)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not 0 <= number < float("inf"):
+            raise ValueError("must be auto or a finite number >= 0 (nats per answer token)")
+        return number
 
 
 class DefenseSettings(_Strict):

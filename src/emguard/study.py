@@ -22,6 +22,9 @@
       - {name: positive_control, data: positive_control}   # broadly misaligned chat
       - {name: negative_control, data: negative_control}   # benign chat
       - {name: kl, grid: {defenses.kl.weight: [0.01, 0.03, 0.1, 0.3, 1.0]}}
+      - name: steering                     # + steering_on_aligned: the same on aligned data
+        compensation: true
+        set: {defenses.steering.layers: [15], defenses.steering.alpha: 0.1}
       - name: safelora                     # post hoc: projects the misaligned arm's adapter
         safelora_of: misaligned
         set: {defenses.safelora.unaligned: Qwen/Qwen2.5-7B}
@@ -38,6 +41,11 @@ evaluated on the same held-out set: the aligned arm and the controls hold out
 fit pairs' misaligned answers, never the pairs evaluation scores), the ceiling of what
 the measures read for a model that *is* broadly misaligned; ``negative_control`` trains
 on benign chat and should read about zero.
+An arm with ``compensation: true`` also runs, with the same settings, on the domain's
+aligned data (arm ``ARM_on_aligned``): a defense that adds or removes something during
+training (steering, ablation) can move the measure whether or not EMA exists, and the
+report's difference-in-differences (ARM - misaligned) - (ARM_on_aligned - aligned) is
+what it does to EMA itself.
 A string value ``@run:ARM`` is replaced by the adapter folder of that arm's run of the
 same domain and seed (e.g. a misaligned adapter as SafeLoRA's unaligned source); the
 sweep orders runs so that every source is finished first.
@@ -95,6 +103,9 @@ class ArmSpec(_Strict):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     safelora_of: str | None = None  # project that arm's adapter post hoc instead of training
     domains: list[str] | None = None  # only these domains (default: all)
+    # the compensation control: also train this arm, same settings, on the domain's aligned
+    # data (arm ARM_on_aligned); the report's difference-in-differences reads both
+    compensation: bool = False
 
     @field_validator("name")
     @classmethod
@@ -134,6 +145,7 @@ class StudyConfig(_Strict):
         bad = [d for d in self.domains if not isinstance(d, str) or not NAME.match(d)]
         if bad:
             raise ValueError(f"domains: names {bad} name folders: {NAME_RULE}")
+        _check_compensation(self)
         for arm in self.arms:
             if arm.safelora_of is not None and arm.safelora_of not in names:
                 raise ValueError(f"arms.{arm.name}.safelora_of: no arm named '{arm.safelora_of}'")
@@ -151,6 +163,44 @@ class StudyConfig(_Strict):
         return self
 
 
+COMPENSATION_SUFFIX = "_on_aligned"
+
+
+def _check_compensation(study: StudyConfig) -> None:
+    """A compensation control needs aligned data and both baselines the report compares
+    it with: an arm ``misaligned`` and an arm ``aligned`` (``data: aligned``)."""
+    names = {a.name: a for a in study.arms}
+    for arm in (a for a in study.arms if a.compensation):
+        where = f"arms.{arm.name}.compensation"
+        if arm.data != "misaligned" or arm.safelora_of:
+            raise ValueError(f"{where}: only an arm trained on the misaligned data has a "
+                             "compensation control")
+        if arm.name + COMPENSATION_SUFFIX in names:
+            raise ValueError(f"{where}: an arm is already named {arm.name + COMPENSATION_SUFFIX}")
+        missing = [d for d, spec in study.domains.items()
+                   if spec.aligned is None and (arm.domains is None or d in arm.domains)]
+        if missing:
+            raise ValueError(f"{where}: domain(s) {missing} give no aligned data "
+                             "(domains.NAME.aligned)")
+        aligned = names.get("aligned")
+        if "misaligned" not in names or aligned is None or aligned.data != "aligned":
+            raise ValueError(f"{where}: the difference-in-differences needs an arm named "
+                             "'misaligned' and an arm named 'aligned' with data: aligned")
+
+
+def _with_controls(arms: list[ArmSpec]) -> list[tuple[ArmSpec, str | None]]:
+    """(arm, the arm it is the compensation control of) for every arm, each compensated
+    arm followed by its control: the same settings on the aligned data."""
+    out = []
+    for arm in arms:
+        out.append((arm, None))
+        if arm.compensation:
+            out.append((arm.model_copy(update={"name": arm.name + COMPENSATION_SUFFIX,
+                                               "data": "aligned", "compensation": False}),
+                        arm.name))
+    return out
+
+
 @dataclass
 class PlannedRun:
     """One run of a study: its config, folder, kind and the runs it needs first."""
@@ -165,6 +215,7 @@ class PlannedRun:
     source: str | None = None  # safelora: the name of the run whose adapter it projects
     needs: list[str] = field(default_factory=list)  # names of runs that must finish first
     source_dir: Path | None = None  # safelora: that run's folder
+    control_of: str | None = None  # a compensation control: the arm it controls
 
     @property
     def run_dir(self) -> Path:
@@ -234,8 +285,10 @@ def _data_block(study: StudyConfig, domain: str, arm: ArmSpec) -> dict:
 def expand(study: StudyConfig) -> list[PlannedRun]:
     """All runs of a study, each with a validated config and folder, sources first."""
     arms = {a.name: a for a in study.arms}
+    controls = _with_controls(study.arms)
+    control_of = {a.name: of for a, of in controls}
     pending = []
-    for seed, domain, arm in itertools.product(study.seeds, study.domains, study.arms):
+    for seed, domain, (arm, _) in itertools.product(study.seeds, study.domains, controls):
         if arm.domains is not None and domain not in arm.domains:
             continue
         data_arm = arms[arm.safelora_of] if arm.safelora_of else arm
@@ -253,10 +306,11 @@ def expand(study: StudyConfig) -> list[PlannedRun]:
     by_key = {(d, a.name, s): [] for _, d, a, s, *_ in pending}
     for name, d, a, s, *_ in pending:
         by_key[(d, a.name, s)].append(name)
-    return _resolve(study, pending, by_key)
+    return _resolve(study, pending, by_key, control_of)
 
 
-def _resolve(study: StudyConfig, pending: list, by_key: dict) -> list[PlannedRun]:
+def _resolve(study: StudyConfig, pending: list, by_key: dict,
+             control_of: dict[str, str | None]) -> list[PlannedRun]:
     """Validate configs in dependency order (a ``@run:ARM`` value needs that run's folder)."""
     done: dict[str, PlannedRun] = {}
     order: list[PlannedRun] = []
@@ -273,6 +327,7 @@ def _resolve(study: StudyConfig, pending: list, by_key: dict) -> list[PlannedRun
             overrides = [_substitute(o, domain, seed, by_key, done) for o in overrides]
             run = _planned(study, name, domain, arm, seed, point, raw, overrides, needs, identity)
             run.source_dir = done[run.source].run_dir if run.source else None
+            run.control_of = control_of.get(arm.name)
             done[name] = run
             order.append(run)
             progressed = True

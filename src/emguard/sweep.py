@@ -122,9 +122,10 @@ def missing_inputs(run: PlannedRun) -> list[str]:
     if plus is not None and (local := _local_path(plus.source.removeprefix("wildguardmix:"))):
         if not Path(local).exists():
             problems.append(f"defenses.interleave_plus.source: {local} not found")
-    if plus is not None and RUN_ADAPTER not in plus.misaligned and \
-            not Path(plus.misaligned, "adapter_config.json").is_file():
-        problems.append(f"defenses.interleave_plus.misaligned: {plus.misaligned} is not an adapter folder")
+    for i, source in enumerate(plus.sources if plus is not None else []):
+        if RUN_ADAPTER not in source and not Path(source, "adapter_config.json").is_file():
+            problems.append(f"defenses.interleave_plus.misaligned[{i}]: {source} is not an "
+                            "adapter folder")
     for name in ("steering", "ablation", "anchor", "early_stop"):
         settings = getattr(run.config.defenses, name)
         direction = getattr(settings, "direction", "fit")
@@ -322,6 +323,7 @@ def write_manifest(study: StudyConfig, runs: list[PlannedRun]) -> None:
         "format": "emguard.study/1", "study": redact_tree(study.model_dump(mode="json")),
         "runs": [{"name": r.name, "domain": r.domain, "arm": r.arm, "seed": r.seed,
                   "point": r.point, "kind": r.kind, "needs": r.needs,
+                  "control_of": r.control_of,
                   "dir": str(r.run_dir.relative_to(root))}  # relative: the folder can move
                  for r in runs]})
 

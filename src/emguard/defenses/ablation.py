@@ -1,11 +1,20 @@
-"""CAFT-style ablation (concept ablation fine-tuning, Casademunt et al. 2025): during
-training only, project the misalignment direction (k = 1) or subspace (k > 1) out of the
-residual stream at the chosen layers,
+"""Ablation during training only: project the span of the basis' first k rows out of
+the residual stream at the chosen layers,
 
     h_l <- h_l - U_l^T (U_l h_l)          U_l (k, D) with orthonormal rows,
 
 so no gradient can use what lies along it. Policy forward only (emguard.defenses.base.
 PolicyHooks): the reference forward and evaluation see the unablated model.
+
+What is ablated depends on the direction's source (emguard.defenses.direction):
+
+- ``direction: fit`` or a contrastive folder: ablation of the contrastive mean difference
+  (k = 1; k > 1 adds principal directions of the pair differences), the persona-vectors
+  variant (Chen et al. 2025);
+- a folder of ``emguard direction fit --from-run RUN``: CAFT (Casademunt et al. 2025,
+  arXiv 2507.16795), the top k principal components of (fine-tuned - base) residual
+  differences of a model already fine-tuned on the task. CAFT ablates the components a
+  person interpreted as unwanted; here the first k are taken, without interpretation.
 """
 
 from __future__ import annotations

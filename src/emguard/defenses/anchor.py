@@ -11,6 +11,11 @@ and the reference's residual states; the reference from the step's one shared fo
            accumulation steps like LDIFS, and the loss adds weight x term.
 
 Units: squared residual-stream units per token (as LDIFS's mean_token reduction).
+
+Prior art: BLOCK-EM (Ustaomeroglu and Qu 2026, arXiv 2602.00767) adds a one-sided
+training-time penalty that keeps the model from strengthening a few SAE latents found to
+cause emergent misalignment; this term is the same idea with a direction (or subspace) of
+the residual stream in place of SAE latents, measured against the reference's states.
 """
 
 from __future__ import annotations

@@ -1,24 +1,33 @@
-"""The misalignment direction: per residual-stream layer, the difference of mean
-activations between misaligned and aligned answers to the same questions, measured on
-the reference model (the contrastive-activation recipe of persona vectors, Chen et al.
-2025, and of CAFT, Casademunt et al. 2025).
+"""Misalignment directions, from one of two sources, as per-layer orthonormal bases.
 
-For pair i and layer l (an index into ``hidden_states``: 0 = embeddings, k = output of
-block k), m_i^mis and m_i^al are the mean residual states over the answer tokens (the
-tokens the training loss covers). Then
+**Contrastive mean difference** (``"source": "contrastive-mean-difference"``; the
+persona-vectors recipe, Chen et al. 2025): per residual-stream layer, the difference of
+mean activations between misaligned and aligned answers to the same questions, measured
+on the reference model. For pair i and layer l (an index into ``hidden_states``: 0 =
+embeddings, k = output of block k), m_i^mis and m_i^al are the mean residual states over
+the answer tokens (the tokens the training loss covers). Then
 
     d_i = m_i^mis - m_i^al            (D,)
     u_l = mean_i d_i                  the direction (its norm is recorded)
     U_l = [u_l / |u_l|; top k-1 principal directions of the d_i with u_l projected out]
     s_l = mean over answer tokens of |h_l|, the typical residual norm at layer l
 
-``U_l`` (k, D) has orthonormal rows; its first row is the unit direction. Defenses use
-the first ``k`` rows; controls replace them by a random basis, or one orthogonal to
-U_l, of the same dimension (unit rows, so every norm matches).
+**CAFT's PCA** (``"source": "caft-pca"``; Casademunt et al. 2025, arXiv 2507.16795,
+``fit_caft``): from a model already fine-tuned on the narrow task, per token t of the
+fine-tuned model's own greedy answers to neutral chat prompts and layer l,
+
+    x_t = h_l^tuned(t) - h_l^base(t)  (D,) the same input, adapter on minus adapter off
+    U_l = top k right singular vectors of the centred matrix [x_t - mean_t x_t]_t
+          (rows oriented so <U_l[i], mean_t x_t> >= 0)
+    explained-variance ratio_i = sigma_i^2 / sum_j sigma_j^2
+
+``U_l`` (k, D) has orthonormal rows. Defenses use the first ``k`` rows; controls replace
+them by a random basis, or one orthogonal to U_l, of the same dimension (unit rows, so
+every norm matches).
 
 An artefact folder (``emguard direction fit``) holds ``direction.safetensors``
 (``basis.L`` (k, D) float32, ``mean_diff.L`` (D,), ``residual_norm`` (L + 1,)) and
-``direction.json`` (model, pairs, per-layer norms, the causal check).
+``direction.json`` (the source, model, pairs or prompts, per-layer norms, SHA-256).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from emguard.judge_free import (
     _device,
     _pad_id,
     encode_answers,
+    has_adapter,
     pair_margins,
     reference_mode,
 )
@@ -45,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 TENSORS = "direction.safetensors"
 META = "direction.json"
+CONTRASTIVE, CAFT = "contrastive-mean-difference", "caft-pca"  # direction.json "source"
+NEUTRAL_PROMPTS = "builtin:safe-instruct"  # CAFT's default prompts
+GENERAL_QUESTIONS = "builtin:general-questions"
 
 
 @dataclass
@@ -117,7 +130,7 @@ def fit_direction(model, tokenizer, pairs: list[dict], k: int = 4, batch_size: i
         mean_diff[layer] = diffs[:, layer].mean(0).float()
         basis[layer] = _basis(diffs[:, layer], k).float()
     return Direction(basis, mean_diff, residual_norm,
-                     meta={"n_pairs": len(pairs), "k": k,
+                     meta={"source": CONTRASTIVE, "n_pairs": len(pairs), "k": k,
                            "pair_ids": [p.get("id", i) for i, p in enumerate(pairs)]})
 
 
@@ -148,6 +161,181 @@ def _basis(diffs: torch.Tensor, k: int) -> torch.Tensor:
         # right singular vectors of a matrix whose rows are orthogonal to u: orthogonal to u
         rows += [v for v, s in zip(vh[: k - 1], sing[: k - 1], strict=True) if s > 1e-8 * sing[0]]
     return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------- CAFT source
+
+def read_prompts(spec: str | None) -> list[dict]:
+    """``[{"id", "messages"}]``: per row of a chat JSONL file or a built-in chat set
+    (``None``: ``builtin:safe-instruct``), the turns before its first assistant turn.
+    ValueError naming ``--prompts``, the file and line for a row without a user turn."""
+    from emguard.questions import read_numbered_chat_rows
+
+    spec = spec or NEUTRAL_PROMPTS
+    if spec.startswith("builtin:"):
+        from emguard.data.builtin import load_builtin
+
+        rows = load_builtin(spec.removeprefix("builtin:"), split="all")
+        lines = list(range(1, len(rows) + 1))
+    else:
+        if Path(spec).is_dir():
+            raise ValueError(f"--prompts {spec}: is a directory, not a chat JSONL file")
+        rows, lines = read_numbered_chat_rows(spec)
+    out = [{"id": row.get("id", f"line{n}") if isinstance(row, dict) else None,
+            "messages": _prompt_turns(row, f"--prompts {spec}:{n}")}
+           for row, n in zip(rows, lines, strict=True)]
+    if not out:
+        raise ValueError(f"--prompts {spec}: no rows (the file is empty)")
+    return out
+
+
+def _prompt_turns(row, where: str) -> list[dict]:
+    """The {role, content} turns of a chat row before its first assistant turn."""
+    from emguard.data.chat import row_problems
+
+    problems = row_problems(row, need_assistant=False)
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    turns = []
+    for m in row["messages"]:
+        if m["role"] == "assistant":
+            break
+        turns.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "user" for m in turns):
+        raise ValueError(f"{where}: no user turn before the first assistant turn")
+    return turns
+
+
+def _norm(text: str) -> str:
+    """Whitespace-collapsed, case-folded text: what "the same prompt" means here."""
+    return " ".join(text.split()).casefold()
+
+
+def evaluation_prompts(heldout: Path | None = None, general: tuple[str, ...] = (),
+                       pairs: tuple[str, ...] = ()) -> dict[str, set[str]]:
+    """Normalised prompts of every evaluation set, by set: the general questions (every
+    paraphrase of ``builtin:general-questions`` and of ``general``), the evaluation pairs'
+    questions (``builtin:eval-pairs`` and ``pairs``) and the user turns of ``heldout``
+    (a run's ``heldout.jsonl``, when given and present)."""
+    from emguard.data.pairs import EVAL_PAIRS
+    from emguard.questions import read_chat_rows, resolve_questions
+
+    sets = {spec: {_norm(p) for q in resolve_questions(spec).questions for p in q.paraphrases}
+            for spec in dict.fromkeys((GENERAL_QUESTIONS, *general))}
+    sets.update({spec: {_norm(p["question"]) for p in load_pairs(spec)}
+                 for spec in dict.fromkeys((EVAL_PAIRS, *pairs))})
+    if heldout is not None and Path(heldout).is_file():
+        sets[str(heldout)] = {_norm(m["content"]) for r in read_chat_rows(heldout)
+                              for m in r.get("messages", []) if m.get("role") == "user"}
+    return sets
+
+
+def neutral_prompts(spec: str | None, sets: dict[str, set[str]]) -> tuple[list[dict], dict]:
+    """(the prompts of ``spec`` (``read_prompts``) none of whose user turns equals a prompt
+    of an evaluation set, {set: ids of the prompts dropped for it}). Overlapping prompts
+    are dropped and counted, not fitted on; ValueError if fewer than 2 remain."""
+    kept, dropped = [], {name: [] for name in sets}
+    for row in read_prompts(spec):
+        users = {_norm(m["content"]) for m in row["messages"] if m["role"] == "user"}
+        hits = [name for name, texts in sets.items() if users & texts]
+        for name in hits:
+            dropped[name].append(row["id"])
+        if not hits:
+            kept.append(row)
+    if len(kept) < 2:
+        raise ValueError(f"--prompts {spec or NEUTRAL_PROMPTS}: {len(kept)} prompt(s) left after "
+                         "dropping those an evaluation set asks; CAFT's PCA needs at least 2")
+    return kept, {name: ids for name, ids in dropped.items() if ids}
+
+
+@torch.no_grad()
+def diff_moments(model, tokenizer, prompts: list[list[dict]], answers: list[str],
+                 batch_size: int = 8, desc: str | None = None):
+    """Moments of x = h^tuned - h^base (adapter on minus off, the same input) over the
+    answer tokens (the positions of ``answer_means``), at every layer.
+
+    Returns (n tokens, sum_t x_t (L + 1, D) float64, sum_t x_t x_t^T (L + 1, D, D) float64,
+    the base model's mean token norm per layer (L + 1,) float32). Memory: (L + 1) D^2
+    float64, whatever the number of tokens."""
+    encoded = encode_answers(tokenizer, prompts, answers)
+    n, total, gram, norm_sum = 0, 0.0, 0.0, 0.0
+    for _, inputs, target in _batches(encoded, batch_size, _pad_id(tokenizer), _device(model), desc):
+        mask = torch.nn.functional.pad(target, (1, 0))  # (B, T): the states AT answer tokens
+        tuned = _states_at(model, inputs, mask)  # (L+1, N, D)
+        with reference_mode(model):
+            base = _states_at(model, inputs, mask)
+        x = tuned - base
+        if not bool(x.isfinite().all()):
+            raise ValueError("CAFT fit: the model's hidden states hold NaN or infinities")
+        n += x.shape[1]
+        total = total + x.sum(1)
+        gram = gram + x.transpose(1, 2) @ x
+        norm_sum = norm_sum + base.norm(dim=-1).sum(1)
+    return n, total, gram, (norm_sum / max(n, 1)).float()
+
+
+def _states_at(model, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
+    """(L + 1, N, D) float64 residual states at the N positions ``mask`` (B, T) marks."""
+    states = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
+    return torch.stack([h[mask] for h in states]).double().cpu()
+
+
+def principal_directions(n: int, total: torch.Tensor, gram: torch.Tensor, k: int,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``k`` principal directions (k', D) of n centred vectors given their sum
+    (D,) and sum of outer products (D, D), and their explained-variance ratios (k',): the
+    eigenvectors of the scatter matrix S = sum_t (x_t - mu)(x_t - mu)^T = gram - n mu mu^T,
+    the right singular vectors of the centred matrix, with eigenvalue / trace(S). Rows
+    point along the mean (<row, mu> >= 0). k' < k leaves out directions with no variance;
+    k' = 0 where the rms |x| is under 1e-6 ``scale`` (a layer the adapter leaves alone)."""
+    mu = total / n
+    scatter = gram - n * torch.outer(mu, mu)
+    trace = scatter.diagonal().sum()
+    if float(gram.diagonal().sum()) / n <= (1e-6 * scale) ** 2 or trace <= 0:
+        return torch.zeros(0, len(mu), dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    values, vectors = torch.linalg.eigh((scatter + scatter.T) / 2)  # ascending
+    values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k].T
+    keep = values > 1e-9 * trace
+    rows = vectors[keep]
+    signs = torch.where(rows @ mu < 0, -1.0, 1.0).to(rows.dtype)
+    return rows * signs[:, None], values[keep] / trace
+
+
+def fit_caft(model, tokenizer, prompts: list[list[dict]], k: int = 4, answer_tokens: int = 32,
+             batch_size: int = 8, progress: bool = True) -> Direction:
+    """CAFT's candidate directions from ``model`` with its fine-tuned adapter attached: its
+    greedy answers (at most ``answer_tokens`` new tokens) to ``prompts``, then per layer
+    the top ``k`` principal directions of x_t = h^tuned - h^base over the answer tokens
+    (centred, as CAFT's PCA), ``mean_diff`` the mean of x_t and ``residual_norm`` the base
+    model's. Layers the adapter does not change (the embeddings) get no basis; ValueError
+    if it changes no block output."""
+    from emguard.generate import generate_answers
+
+    if not has_adapter(model):
+        raise ValueError("CAFT fit: the model has no adapter (load the fine-tuned one)")
+    if len(prompts) < 2:
+        raise ValueError(f"CAFT fit: needs at least 2 prompts, got {len(prompts)}")
+    answers = [a[0] for a in generate_answers(model, tokenizer, prompts, temperature=0.0,
+                                              max_new_tokens=answer_tokens,
+                                              batch_size=batch_size, progress=progress)]
+    n, total, gram, norms = diff_moments(model, tokenizer, prompts, answers, batch_size,
+                                         "caft: hidden states" if progress else None)
+    basis, mean_diff, ratios = {}, {}, {}
+    for layer in range(len(norms)):
+        rows, evr = principal_directions(n, total[layer], gram[layer], k, float(norms[layer]))
+        if len(rows):
+            basis[layer], mean_diff[layer] = rows.float(), (total[layer] / n).float()
+            ratios[str(layer)] = evr.tolist()
+    if not any(1 <= i < len(norms) - 1 for i in basis):
+        raise ValueError("CAFT fit: the adapter changes no block output's residual stream on "
+                         "these prompts (is it trained? a fresh LoRA adapter is zero)")
+    return Direction(basis, mean_diff, norms, meta={
+        "source": CAFT, "k": k, "centred": True, "n_prompts": len(prompts), "n_tokens": n,
+        "positions": f"answer tokens of the fine-tuned model's greedy answers (at most "
+                     f"{answer_tokens} new tokens)",
+        "answer_tokens": answer_tokens, "explained_variance_ratio": ratios,
+        "unchanged_layers": [i for i in range(len(norms)) if i not in basis],
+        "answers": answers})
 
 
 # ----------------------------------------------------------------------------- controls
@@ -372,6 +560,10 @@ class DirectionDefense(Defense):
                 decoder_block(model, layer)
             except ValueError as e:
                 raise ConfigError(f"{where}.layers: {e}") from None
+            if layer not in direction.basis:
+                raise ConfigError(f"{where}.layers: the direction holds no basis at layer "
+                                  f"{layer} (the fine-tuned adapter it was fit on leaves that "
+                                  "layer unchanged)")
             basis = direction.basis[layer]
             if basis.shape[0] < s.k:
                 raise ConfigError(f"{where}.k: the direction holds {basis.shape[0]} dimensions "
@@ -402,8 +594,11 @@ class DirectionDefense(Defense):
                 "defense": self.name, "direction": s.direction, "control": s.control,
                 "control_seed": s.control_seed, "k": s.k, "layers": s.layers,
                 "residual_norm": {str(i): n for i, n in self.norms.items()},
-                "source": {k: v for k, v in self.source.items() if k != "pair_ids"},
+                "source": {k: v for k, v in self.source.items() if k not in _PER_ITEM},
                 "fit_pair_ids": self.source.get("pair_ids")})
+
+
+_PER_ITEM = ("pair_ids", "prompt_ids", "answers")  # too long to copy into every run's record
 
 
 def cached_fit(model, ctx: RunContext, pairs_spec: str | None, holdout: int | None,

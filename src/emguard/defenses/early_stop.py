@@ -9,13 +9,27 @@ disabled, scored once before training), in **nats per answer token**. It is a pr
 says which of two fixed answers the model now prefers, not what it would answer, and no
 judge reads anything.
 
-A check is *within tolerance* when ``shift <= tolerance``; step 0 (the untrained adapter,
-shift 0 by definition) is one. After ``patience`` checks in a row over tolerance, training
-stops. The adapter kept is the one of the last check within tolerance: a CPU copy of its
-weights is taken at every such check and loaded back before the adapter is saved when the
-last check was over tolerance (a stop, or a final check over tolerance). ``stopped`` in the
-report means the patience ran out (also when that happened at the last step). A run that
-is stopped by something else between checks keeps its final, unchecked adapter.
+**When.** Checks run at the multiples of ``every_steps`` from ``min_step`` on, and at
+the last step; none runs before ``min_step``, so nothing stops before it. Default
+``min_step``: max(train.warmup_steps + 1, every_steps), the first step taken at the full
+learning rate (the schedules here take step k at lr x (k - 1) / warmup_steps during
+warm-up, so with one warm-up step the adapter after step 1 is still the untrained one).
+Step 0 is the reference (shift 0 by definition).
+
+**Tolerance.** A check is *within tolerance* when ``shift <= tolerance``. ``tolerance:
+auto`` is ``tolerance_z`` x the seed-to-seed sd of the shift measured on the pair set in
+use (``SEED_SPREAD``); a pair set without a measured spread needs a number.
+
+**Stop and keep.** After ``patience`` checks in a row over tolerance, training stops. The
+adapter kept is that of the last *restorable* check within tolerance, where restorable is a
+check at or after ``min_step`` (step 0, the untrained adapter, only with
+``allow_restore_untrained``); when no restorable check is within tolerance, the earliest
+restorable check is kept (the training that reached it is not thrown away). A CPU copy of
+the chosen check's weights is taken when it is chosen and loaded back before the adapter
+is saved when the last check was over tolerance and is not itself the chosen one.
+``stopped`` in the report means the patience ran out (also when that happened at the last
+step). A run that is stopped by something else between checks keeps its final, unchecked
+adapter, as does a run too short to reach ``min_step``.
 
 Validation pairs are ``training_pairs(pairs, holdout_pairs)`` (never the pairs evaluation
 scores when ``holdout_pairs`` equals ``eval.preference_max_pairs``), evenly thinned to
@@ -44,6 +58,7 @@ from emguard.data.pairs import (
     BUILTIN,
     BUILTIN_PAIRS,
     EVAL_PAIRS,
+    FIT_PAIRS,
     evenly_spaced,
     load_pairs,
     training_pairs,
@@ -58,6 +73,49 @@ REPORT = "early_stop.json"
 STATE_DIR = "early_stop"
 STATE_FILE = "state.json"
 UNITS = "nats per answer token"
+FIELD = "defenses.early_stop"
+
+# Seed-to-seed sd (over seeds 0, 1, 2) of the misaligned run's preference shift, in nats
+# per answer token, per pair set: what ``tolerance: auto`` multiplies by ``tolerance_z``.
+# Each was measured on other pairs of the same set and in another regime than a run's own
+# checks may use: a noise scale, not an exact null distribution.
+SEED_SPREAD = {
+    FIT_PAIRS: (0.083, "docs/defense_study.md: misaligned arm, shift +/-sd over seeds 0-2 "
+                       "(6 steps at lr 1e-3, 22 held-out pairs of the set)"),
+    EVAL_PAIRS: (0.036, "docs/regime.md (benchmarks/results/regime.json): misaligned - "
+                        "untrained over seeds 0-2 at the chosen regime (12 steps at lr 5e-4, "
+                        "158 pairs)"),
+}
+
+
+def resolve_tolerance(settings) -> tuple[float, str]:
+    """(tolerance in nats per answer token, where it comes from); ``auto`` without a
+    measured spread for the pair set is a ConfigError naming the field."""
+    if settings.tolerance != "auto":
+        return float(settings.tolerance), "set"
+    spec = settings.pairs or BUILTIN
+    if spec not in SEED_SPREAD:
+        raise ConfigError(f"{FIELD}.tolerance: auto needs the seed-to-seed spread of the shift "
+                          f"measured on the pairs in use, and none is recorded for {spec} "
+                          f"(measured: {', '.join(SEED_SPREAD)}); set a number "
+                          f"({UNITS})")
+    sd, source = SEED_SPREAD[spec]
+    z = settings.tolerance_z
+    return z * sd, f"auto: {z:g} x sd {sd:g} of {spec} ({source})"
+
+
+def resolve_min_step(settings, cfg) -> int:
+    """``min_step``, or by default max(train.warmup_steps + 1, every_steps): the first step
+    at the full learning rate (warm-up 0 without a run config)."""
+    if settings.min_step is not None:
+        return settings.min_step
+    warmup = cfg.train.warmup_steps if getattr(cfg, "train", None) is not None else 0
+    return max(warmup + 1, settings.every_steps)
+
+
+def restorable(step: int, min_step: int, allow_untrained: bool) -> bool:
+    """May the adapter of the check at ``step`` be the one kept?"""
+    return step >= max(min_step, 1) or (step == 0 and allow_untrained)
 
 
 def validation_pairs(settings) -> list[dict]:
@@ -95,9 +153,14 @@ def adapter_copy(model) -> dict[str, torch.Tensor]:
             for k, v in get_peft_model_state_dict(model).items()}
 
 
-def last_within(history: list[dict]) -> int:
-    """The step of the last check within tolerance (0: the untrained adapter)."""
-    return max((h["step"] for h in history if h["within"]), default=0)
+def kept_step(history: list[dict], min_step: int, allow_untrained: bool) -> int:
+    """The step whose adapter is kept: the last restorable check within tolerance, else
+    the earliest restorable check, else 0 (no check yet: nothing to restore)."""
+    steps = [h for h in history if restorable(h["step"], min_step, allow_untrained)]
+    within = [h["step"] for h in steps if h["within"]]
+    if within:
+        return max(within)
+    return min((h["step"] for h in steps), default=0)
 
 
 def stop_step(history: list[dict], patience: int) -> int | None:
@@ -116,7 +179,8 @@ def _adapter_file(step: int) -> str:
 
 class EarlyStop(Defense):
     """Stop when the judge-free margin shift exceeds ``tolerance`` (nats per answer token)
-    for ``patience`` checks in a row; keep the adapter of the last check within it."""
+    for ``patience`` checks in a row from ``min_step`` on; keep the adapter of the last
+    restorable check within it."""
 
     name = "early_stop"
 
@@ -128,13 +192,17 @@ class EarlyStop(Defense):
         self.chosen: dict[str, torch.Tensor] | None = None
         self.chosen_step = 0
         self.anchor_step = 0  # the chosen step as of the latest Trainer checkpoint
+        self.tolerance: float | None = None  # resolved (nats per answer token)
+        self.tolerance_source = ""
+        self.min_step = 0
         self.state_dir: Path | None = None  # written to: the main process, folder claimed
         self.load_dir: Path | None = None  # read from: the state of the run resumed
         self._resumed = False
 
     # -- before training
     def check(self, cfg) -> None:
-        """The pairs file exists, parses and leaves at least one pair to check on."""
+        """The pairs file exists, parses and leaves at least one pair to check on; the
+        tolerance and ``min_step`` resolve."""
         spec = self.settings.pairs
         if spec is not None and spec not in BUILTIN_PAIRS and not Path(spec).is_file():
             raise ConfigError(f"defenses.early_stop.pairs: {spec} does not exist (a JSONL file "
@@ -149,7 +217,17 @@ class EarlyStop(Defense):
             raise ConfigError(f"defenses.early_stop.holdout_pairs: {e}") from None
         if not pairs or not self.pairs:
             raise ConfigError(f"defenses.early_stop.pairs: {spec or BUILTIN} holds no pairs")
+        self.tolerance, self.tolerance_source = resolve_tolerance(self.settings)
+        self.min_step = resolve_min_step(self.settings, cfg)
         self._warn_overlap(cfg)
+        self._warn_short(cfg)
+
+    def _warn_short(self, cfg) -> None:
+        """Warn when the run ends before ``min_step``: no check runs at all."""
+        steps = cfg.train.max_steps if getattr(cfg, "train", None) is not None else -1
+        if 0 < steps < self.min_step:
+            logger.warning("%s: train.max_steps %d < min_step %d: no check will run",
+                           FIELD, steps, self.min_step)
 
     def _warn_overlap(self, cfg) -> None:
         """Warn when the checks may score pairs evaluation scores too."""
@@ -175,8 +253,9 @@ class EarlyStop(Defense):
         if ctx.previous is not None and ctx.run_dir is not None:
             self.load_dir = Path(ctx.run_dir) / STATE_DIR
             self._load_state()
-        logger.info("early_stop: %d validation pairs, reference margin %.4f %s",
-                    len(self.pairs), ref, UNITS)
+        logger.info("early_stop: %d validation pairs, reference margin %.4f %s; tolerance "
+                    "%.4f (%s), checks from step %d", len(self.pairs), ref, UNITS,
+                    self.tolerance, self.tolerance_source, self.min_step)
 
     def record(self, run_dir: Path) -> None:
         """Claim the resume state folder (main process only) and write the step-0 state."""
@@ -195,32 +274,38 @@ class EarlyStop(Defense):
         return stop_step(self.history, self.settings.patience) is not None
 
     def due(self, step: int, max_steps: int) -> bool:
-        """A check is due every ``every_steps`` steps and at the last one (not twice)."""
-        if self.stopped or self.history[-1]["step"] >= step:
+        """A check is due at the multiples of ``every_steps`` from ``min_step`` on and at
+        the last step (never before ``min_step``, never twice)."""
+        if self.stopped or self.history[-1]["step"] >= step or step < self.min_step:
             return False
         return step % self.settings.every_steps == 0 or 0 < max_steps <= step
+
+    def kept(self, history: list[dict] | None = None) -> int:
+        """The step whose adapter is kept, given ``history`` (default: all checks)."""
+        return kept_step(self.history if history is None else history, self.min_step,
+                         self.settings.allow_restore_untrained)
 
     def run_check(self, model, ctx: RunContext, step: int) -> None:
         """Score the model at ``step`` and record the check (``stopped`` says what next)."""
         tuned = margins(model, ctx.tokenizer, self.pairs, self.settings.batch_size, ctx.hooks)
         shift = _mean([t - r for t, r in zip(tuned, self.reference, strict=True)])
-        within = shift <= self.settings.tolerance
+        within = shift <= self.tolerance
         self.history.append({"step": step, "shift": shift, "margin": _mean(tuned),
                              "within": within})
-        if within:
+        if self.kept() != self.chosen_step:  # only ever moves to the check just made
             self.chosen, self.chosen_step = adapter_copy(model), step
             self._save_adapter(step, self.chosen)
         self._save_state()
         stop = self.stopped
         logger.info("early_stop: step %d margin %.4f shift %+.4f %s (tolerance %.4f): %s%s",
-                    step, self.history[-1]["margin"], shift, UNITS, self.settings.tolerance,
+                    step, self.history[-1]["margin"], shift, UNITS, self.tolerance,
                     "within" if within else "over",
                     f"; stopping, keeping step {self.chosen_step}" if stop else "")
 
     def checkpointed(self, step: int) -> None:
         """A Trainer checkpoint at ``step`` was written: the chosen adapter as of it is
         the one a resume needs; older copies go."""
-        self.anchor_step = last_within([h for h in self.history if h["step"] <= step])
+        self.anchor_step = self.kept([h for h in self.history if h["step"] <= step])
         self._save_state()
 
     def rewind(self, step: int) -> None:
@@ -228,15 +313,16 @@ class EarlyStop(Defense):
         if self.history[-1]["step"] <= step:
             return
         self.history = [h for h in self.history if h["step"] <= step]
-        self._set_chosen(last_within(self.history))
+        self._set_chosen(self.kept())
         self.anchor_step = self.chosen_step
         self._save_state()
 
     # -- after training
     def before_save(self, model, ctx: RunContext) -> dict:
-        """Load the chosen adapter back when the last check was over tolerance; write
-        ``early_stop.json``; return the same for summary.json."""
-        if not self.history[-1]["within"]:
+        """Load the chosen adapter back when the last check was over tolerance and is not
+        the chosen one; write ``early_stop.json``; return the same for summary.json."""
+        last = self.history[-1]
+        if not last["within"] and last["step"] != self.chosen_step:
             from peft import set_peft_model_state_dict
 
             result = set_peft_model_state_dict(model, self.chosen)
@@ -252,11 +338,16 @@ class EarlyStop(Defense):
     def summary(self) -> dict:
         """The checks and the outcome (margins and shifts in nats per answer token)."""
         stopped_at = stop_step(self.history, self.settings.patience)
+        chosen = next(h for h in self.history if h["step"] == self.chosen_step)
         return {"checks": self.history, "chosen_step": self.chosen_step,
+                "chosen_within": chosen["within"],
                 "stopped_at_step": stopped_at, "stopped": stopped_at is not None,
                 "n_pairs": len(self.pairs), "reference_margin": self.history[0]["margin"],
-                "tolerance": self.settings.tolerance, "patience": self.settings.patience,
-                "every_steps": self.settings.every_steps, "units": UNITS}
+                "tolerance": self.tolerance, "tolerance_source": self.tolerance_source,
+                "patience": self.settings.patience, "every_steps": self.settings.every_steps,
+                "min_step": self.min_step,
+                "allow_restore_untrained": self.settings.allow_restore_untrained,
+                "units": UNITS}
 
     # -- resume state (run_dir/early_stop/)
     def _save_adapter(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -292,7 +383,7 @@ class EarlyStop(Defense):
             logger.warning("early_stop: %s was written for other pairs; starting over", folder)
             return
         self.history, self.anchor_step = state["history"], state["anchor_step"]
-        self._set_chosen(last_within(self.history))
+        self._set_chosen(self.kept())
         self._resumed = True
         logger.info("early_stop: resumed %d checks from %s (chosen step %d)",
                     len(self.history) - 1, folder, self.chosen_step)

@@ -29,6 +29,7 @@ from emguard.report.render import csv_rows, markdown, md_escape, page, write_csv
 from emguard.report.tables import (
     Table,
     ceiling_table,
+    compensation_table,
     estimates,
     judge_free_table,
     main_tables,
@@ -69,8 +70,8 @@ def build_report(study_dir: str | Path, out: str | Path | None = None, study: st
     judged = has_judge(runs)
     if judged:
         tables += main_tables(runs, lookup)
-    tables += [t for t in (task_table(runs, lookup), judge_free_table(runs), ceiling_table(runs))
-               if t is not None]
+    tables += [t for t in (task_table(runs, lookup), judge_free_table(runs), ceiling_table(runs),
+                           compensation_table(runs)) if t is not None]
     tables = [t for t in tables if t.rows]
     figs = _figures(runs, judged, out)
     warnings = warnings_of(config, runs)

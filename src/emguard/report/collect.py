@@ -81,6 +81,7 @@ class RunResult:
     config: dict | None = None
     trajectory: dict[int, dict[str, dict]] = field(default_factory=dict)  # step -> part -> free
     problems: list[str] = field(default_factory=list)  # files that could not be read
+    control_of: str | None = None  # a compensation control: the arm it controls
 
     @property
     def cell(self) -> tuple:
@@ -137,7 +138,9 @@ def load_runs(study_dir: str | Path, name: str | None = None) -> tuple[dict, lis
             check_name(r["arm"], f"{where}.arm")  # it names figure files
         except UnsafePathError as e:
             raise ReportInputError(str(e)) from None
-        run = RunResult(r["name"], r["domain"], r["arm"], r["seed"], r["point"], r["kind"], run_dir)
+        run = RunResult(r["name"], r["domain"], r["arm"], r["seed"], r["point"], r["kind"], run_dir,
+                        control_of=r.get("control_of") if isinstance(r.get("control_of"), str)
+                        else None)
         _read(run)
         runs.append(run)
     return manifest["study"], runs
