@@ -144,6 +144,9 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalS
             results["trajectory"] = steps
     if set(parts) >= {"general", "indomain"}:
         write_json_atomic(run_dir / EVAL_DIR / SETTINGS_FILE, settings_record(s))
+    from emguard.model_card import write_cards
+
+    write_cards(run_dir)  # the adapters' cards now show the evaluation (or judging)
     return results
 
 

@@ -293,6 +293,9 @@ def project_source(run: PlannedRun) -> None:
                                "share_projected": report.share_projected,
                                "source_adapter": str(source / "adapter")}
         write_json_atomic(out / "summary.json", summary)
+        from emguard.model_card import write_cards
+
+        write_cards(out)
 
 
 # ------------------------------------------------------------------------------ sweep
@@ -494,5 +497,8 @@ def judge_stage(runs: list[PlannedRun], skip: set[str], log: SweepLog, progress:
         for part in _judged_parts(run):
             judge_generations(run.run_dir / "eval" / part, judge)
         log.write("judge-finish", run.name)
+        from emguard.model_card import write_cards
+
+        write_cards(run.run_dir)  # with the judged rates
         n += 1
     return n

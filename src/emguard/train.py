@@ -65,6 +65,7 @@ from emguard.io import (
     write_text_atomic,
 )
 from emguard.loss import defended_loss
+from emguard.model_card import write_card, write_cards
 from emguard.models import (
     attach_lora,
     default_device,
@@ -414,6 +415,7 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
     with atomic_dir(run_dir / "adapter") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        write_card(run_dir, into=tmp)  # never PEFT's template (a cache path as base_model)
     log = [e for e in train_state.log_history if "loss" in e]
     write_jsonl_atomic(run_dir / "train_log.jsonl", log)
     summary = _summary(cfg, log, train_state.global_step, elapsed, len(features), bool(last))
@@ -424,6 +426,7 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
         if (result := defense.after_training(ctx)) is not None:
             summary[defense.name] = result
     write_json_atomic(run_dir / "summary.json", summary)
+    write_cards(run_dir)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return TrainResult(run_dir, summary, skipped=False)
 

@@ -65,6 +65,7 @@ def snapshot_callback(run_dir: Path, steps: list[int]):
                 check_parameters(model, f"{run_dir}: the step-{step} snapshot")
                 with atomic_dir(Path(run_dir) / SNAPSHOT_DIR / step_dir_name(step)) as tmp:
                     model.save_pretrained(tmp, safe_serialization=True)
+                    (tmp / "README.md").unlink(missing_ok=True)  # PEFT's blank template
             return control
 
     return SnapshotCallback()

@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "emguard.cli.eval_cmd",
     "emguard.cli.sweep_cmd",
     "emguard.cli.report_cmd",
+    "emguard.cli.push_cmd",
 ]
 
 for _name in COMMAND_MODULES:
