@@ -26,13 +26,13 @@ $(RUN_STAMP): pyproject.toml requirements.lock
 	touch $(RUN_STAMP)
 
 $(STAMP): $(RUN_STAMP)
-	$(BIN)/pip install --disable-pip-version-check -q -c requirements.lock -e '.[dev,ray]'
+	$(BIN)/pip install --disable-pip-version-check -q -c requirements.lock -e '.[dev,ray,track]'
 	touch $(STAMP)
 
 # The benchmarks' peers (TRL's SFTTrainer); not needed by the demo or the tests.
 BENCH_STAMP := $(VENV)/.installed-bench
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install --disable-pip-version-check -q -c requirements.lock -e '.[dev,ray,bench]'
+	$(BIN)/pip install --disable-pip-version-check -q -c requirements.lock -e '.[dev,ray,track,bench]'
 	touch $(BENCH_STAMP)
 
 $(LOW_STAMP): pyproject.toml requirements-lowest.lock

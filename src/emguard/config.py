@@ -108,6 +108,14 @@ class TrainSettings(_Strict):
     # Keep the adapter at these optimizer steps (RUN/trajectory/step-N/) so evaluation reads
     # the judge-free measures along training (emguard.trajectory); [] keeps none.
     trajectory_steps: list[Int] = Field(default_factory=list)
+    # Experiment trackers the Trainer reports to (its integrations; none by default), and
+    # how the run is named there (a sweep sets them from study, arm and seed). They change
+    # where numbers are shown, not what is trained: no part of a run's identity.
+    report_to: list[Literal["tensorboard", "trackio", "wandb", "mlflow"]] = Field(
+        default_factory=list)
+    run_name: str | None = None
+    run_group: str | None = None
+    run_tags: list[str] = Field(default_factory=list)
 
     @field_validator("trajectory_steps")
     @classmethod
@@ -543,6 +551,9 @@ def dump_run_config(cfg: RunConfig) -> str:
     return redact_secrets(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+TRACKING_KEYS = ("report_to", "run_name", "run_group", "run_tags")
+
+
 def training_identity(cfg: RunConfig) -> dict:
     """The fields that decide what a run trains (everything but ``eval`` and where it is
     written): equal identities train the same adapter."""
@@ -552,6 +563,8 @@ def training_identity(cfg: RunConfig) -> dict:
             del identity["defenses"][name]
     if not identity["train"]["trajectory_steps"]:  # added later: runs keep their names
         del identity["train"]["trajectory_steps"]
+    for key in TRACKING_KEYS:  # where numbers are shown, not what is trained
+        del identity["train"][key]
     return identity
 
 

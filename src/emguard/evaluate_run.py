@@ -145,8 +145,10 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalS
     if set(parts) >= {"general", "indomain"}:
         write_json_atomic(run_dir / EVAL_DIR / SETTINGS_FILE, settings_record(s))
     from emguard.model_card import write_cards
+    from emguard.tracking import log_run_evaluation
 
     write_cards(run_dir)  # the adapters' cards now show the evaluation (or judging)
+    log_run_evaluation(run_dir, cfg.train.report_to, int(summary.get("steps") or 0))
     return results
 
 

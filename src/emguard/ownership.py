@@ -54,7 +54,8 @@ class FolderKind:
 RUN = FolderKind("run", ("config.yaml", "provenance.json", "data_report.json", "checkpoints",
                          "adapter", "adapter_safelora", "train_log.jsonl", "summary.json",
                          "data_split.json", "heldout.jsonl", "task_*.test.jsonl",
-                         "directions", "early_stop", "early_stop.json", "trajectory"))
+                         "directions", "early_stop", "early_stop.json", "trajectory",
+                         "tensorboard"))
 EVAL = FolderKind("eval", ("eval_spec.json", "generations.jsonl", "generations.partial.jsonl",
                            "judgments.jsonl", "reference_answers.jsonl", "judge_free.json",
                            "metrics.json", "task_*.json"))

@@ -264,6 +264,16 @@ def _label(point: dict[str, Any]) -> str:
     return "".join(f"_{label(key.split('.')[-1])}{label(value)}" for key, value in point.items())
 
 
+def _tracker_names(study: StudyConfig, name: str, domain: str, arm: str, seed: int) -> dict:
+    """How a run is named in an experiment tracker (train.report_to): the run's name,
+    grouped by study/domain/arm, tagged with each; unless the study's base sets them. No
+    part of a run's identity."""
+    base = study.base.get("train") or {}
+    names = {"train.run_name": f"{study.name}/{name}", "train.run_group": f"{study.name}/{domain}/{arm}",
+             "train.run_tags": [study.name, domain, arm, f"seed{seed}"]}
+    return {k: v for k, v in names.items() if k.split(".")[1] not in base}
+
+
 def _overrides(values: dict[str, Any]) -> list[str]:
     import json
 
@@ -297,11 +307,12 @@ def expand(study: StudyConfig) -> list[PlannedRun]:
             raw = apply_overrides(study.base, [])
             raw["model"] = study.model
             raw["data"] = {**raw.get("data", {}), **_data_block(study, domain, data_arm)}
-            sets = {**study.domains[domain].set}
+            name = f"{domain}/{arm.name}{_label(point)}/s{seed}"
+            sets = _tracker_names(study, name, domain, arm.name + _label(point), seed)
+            sets.update(study.domains[domain].set)
             if arm.safelora_of:
                 sets.update(arms[arm.safelora_of].set)
             sets.update({**arm.set, **point, "train.seed": seed})
-            name = f"{domain}/{arm.name}{_label(point)}/s{seed}"
             pending.append((name, domain, arm, seed, point, raw, _overrides(sets)))
     by_key = {(d, a.name, s): [] for _, d, a, s, *_ in pending}
     for name, d, a, s, *_ in pending:

@@ -500,5 +500,9 @@ def judge_stage(runs: list[PlannedRun], skip: set[str], log: SweepLog, progress:
         from emguard.model_card import write_cards
 
         write_cards(run.run_dir)  # with the judged rates
+        from emguard.tracking import log_run_evaluation
+
+        log_run_evaluation(run.run_dir, run.config.train.report_to,
+                           int((read_json(run.run_dir / "summary.json")).get("steps") or 0))
         n += 1
     return n

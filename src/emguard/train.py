@@ -34,6 +34,7 @@ import torch
 import yaml
 from transformers import Trainer, TrainingArguments, set_seed
 
+from emguard import tracking
 from emguard.compat import checkpointing_argument
 from emguard.config import (
     ConfigError,
@@ -300,7 +301,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, device: str) -> TrainingAr
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=1,
-        report_to=[],
+        **tracking.trainer_arguments(t.report_to, t.run_name, t.run_group),
         remove_unused_columns=False,
         logging_nan_inf_filter=False,  # a NaN loss is an error (emguard.finite), not a 0.0
         dataloader_num_workers=0,
@@ -391,7 +392,8 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
         model=model, args=training_arguments(cfg, run_dir, device), train_dataset=features,
         data_collator=ChatCollator(tokenizer.pad_token_id), defenses=defenses, hooks=hooks,
         callbacks=[FiniteGradients(skip=cfg.train.precision == "fp16"), *(callbacks or []),
-                   *(c for d in defenses for c in d.callbacks(ctx))],
+                   *(c for d in defenses for c in d.callbacks(ctx)),
+                   *(tracking.callbacks(cfg.train.report_to, run_dir) if main else [])],
     )
     started = time.time()
     last = last_complete_checkpoint(run_dir / "checkpoints", prune=main)
@@ -399,7 +401,9 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
         if last is not None and _is_final(last):
             train_state = _restore_final_checkpoint(model, last)  # killed after its last step
         else:
-            trainer.train(resume_from_checkpoint=str(last) if last else None)
+            with tracking.tracker_environment(cfg.train.report_to, cfg.train.run_group,
+                                              cfg.train.run_tags):
+                trainer.train(resume_from_checkpoint=str(last) if last else None)
             train_state = trainer.state
     except BaseException:
         if claimed != "resume" and last_complete_checkpoint(run_dir / "checkpoints") is None:
