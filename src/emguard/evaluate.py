@@ -492,12 +492,13 @@ def leak_free_questions(adapter_dir: str | Path | None, spec: str, domain: str |
     from emguard.data.split import recorded_split_of, trained_on
     from emguard.questions import BUILTIN_QUESTION_SETS
 
-    found = recorded_split_of(adapter_dir)
+    builtin = BUILTIN_QUESTION_SETS.get(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else None
+    general = builtin == "general" or Path(spec).suffix in (".yaml", ".yml")
+    found = None if general else recorded_split_of(adapter_dir)  # general sets: no training rows
     if found is None:
         return resolve_questions(spec, domain, limit, judge_prompts, data_seed)
     run_dir, record = found
     notes = []
-    builtin = BUILTIN_QUESTION_SETS.get(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else None
     if builtin not in (None, "general") and record.get("heldout_file"):
         notes.append(f"{spec}: asked the held-out set the adapter's run recorded "
                      f"({run_dir / record['heldout_file']}), not a split rebuilt with data "
