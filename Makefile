@@ -26,13 +26,13 @@ $(RUN_STAMP): pyproject.toml requirements.lock
 	touch $(RUN_STAMP)
 
 $(STAMP): $(RUN_STAMP)
-	$(BIN)/pip install --disable-pip-version-check -q -c requirements.lock -e '.[dev,ray,track]'
+	$(BIN)/pip install --disable-pip-version-check -q -c requirements.lock -e '.[dev,ray,track,inspect]'
 	touch $(STAMP)
 
 # The benchmarks' peers (TRL's SFTTrainer); not needed by the demo or the tests.
 BENCH_STAMP := $(VENV)/.installed-bench
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install --disable-pip-version-check -q -c requirements.lock -e '.[dev,ray,track,bench]'
+	$(BIN)/pip install --disable-pip-version-check -q -c requirements.lock -e '.[dev,ray,track,inspect,bench]'
 	touch $(BENCH_STAMP)
 
 $(LOW_STAMP): pyproject.toml requirements-lowest.lock
