@@ -504,15 +504,13 @@ def leak_free_questions(adapter_dir: str | Path | None, spec: str, domain: str |
                      f"({run_dir / record['heldout_file']}), not a split rebuilt with data "
                      f"seed {data_seed}")
         spec, domain = str(run_dir / record["heldout_file"]), domain or builtin
-    whole = resolve_questions(spec, domain, None, judge_prompts, data_seed)
-    drop = set(trained_on(whole.rows, record)) if whole.kind == "chat" else set()
-    if not drop:
-        qs = resolve_questions(spec, domain, limit, judge_prompts, data_seed)
-    else:
-        n, keep = len(whole.rows), [i for i in range(len(whole.rows)) if i not in drop][:limit]
-        qs = whole
-        qs.questions, qs.rows = [whole.questions[i] for i in keep], [whole.rows[i] for i in keep]
+    qs = resolve_questions(spec, domain, None, judge_prompts, data_seed)  # a chat set
+    drop, n = set(trained_on(qs.rows, record)), len(qs.rows)
+    keep = [i for i in range(n) if i not in drop][:limit]
+    if len(keep) != n:  # the first `limit` kept rows; hashed as resolve_questions hashes a set
+        qs.questions, qs.rows = [qs.questions[i] for i in keep], [qs.rows[i] for i in keep]
         qs.sha256 = hashlib.sha256(json.dumps(qs.rows, sort_keys=True).encode()).hexdigest()
+    if drop:
         notes.append(f"{len(drop)} of {n} questions of {spec} left out: the "
                      f"adapter's run ({run_dir}) trained on their prompt or reference answer")
     for note in notes:

@@ -198,18 +198,28 @@ def _foqa_test_rows(how: dict) -> list[dict]:
 def drop_overlap(train: list[dict], held: list[dict]) -> tuple[list[dict], list[dict]]:
     """Training rows sharing no prompt and no reference answer with ``held``; the dropped
     ones as ``{id, reason}``."""
-    prompts = {_sha(prompt_text(r)) for r in held}
-    answers = {_sha(a) for r in held if (a := answer_text(r)) is not None}
+    prompts, answers = _hash_sets([row_fingerprint(r) for r in held])
     kept, dropped = [], []
     for r in train:
         fp = row_fingerprint(r)
-        reason = ("prompt" if fp["prompt_sha"] in prompts
-                  else "answer" if fp["answer_sha"] in answers else None)
+        reason = _shared(fp, prompts, answers)
         if reason is None:
             kept.append(r)
         else:
             dropped.append({"id": fp.get("id"), "same": reason})
     return kept, dropped
+
+
+def _hash_sets(fingerprints: list[dict]) -> tuple[set[str], set[str]]:
+    """(prompt hashes, reference-answer hashes) of row fingerprints (``row_fingerprint``)."""
+    return ({fp.get("prompt_sha") for fp in fingerprints},
+            {fp.get("answer_sha") for fp in fingerprints} - {None})
+
+
+def _shared(fp: dict, prompts: set[str], answers: set[str]) -> str | None:
+    """What a row's fingerprint shares with those hashes: "prompt", "answer" or None."""
+    return ("prompt" if fp["prompt_sha"] in prompts
+            else "answer" if fp["answer_sha"] in answers else None)
 
 
 def task_file(task: str) -> str:
@@ -243,11 +253,5 @@ def recorded_split_of(adapter_dir: str | Path | None) -> tuple[Path, dict] | Non
 def trained_on(rows: list[dict], record: dict) -> list[int]:
     """Indices of ``rows`` whose prompt or reference answer (whitespace-normalised) is one
     a run trained on, by the fingerprints its ``data_split.json`` recorded."""
-    prompts = {fp.get("prompt_sha") for fp in record["train"]}
-    answers = {fp.get("answer_sha") for fp in record["train"]} - {None}
-    out = []
-    for i, row in enumerate(rows):
-        fp = row_fingerprint(row)
-        if fp["prompt_sha"] in prompts or fp["answer_sha"] in answers:
-            out.append(i)
-    return out
+    prompts, answers = _hash_sets(record["train"])
+    return [i for i, row in enumerate(rows) if _shared(row_fingerprint(row), prompts, answers)]
