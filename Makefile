@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-lowest setup lint bench bench-quick lock lock-lowest clean
+.PHONY: demo test test-fast test-lowest test-bench setup lint bench bench-quick lock lock-lowest clean
 
 # A second environment with the lowest versions pyproject.toml allows (fast tests only).
 LOW_VENV ?= .venv-lowest
@@ -55,6 +55,10 @@ test-fast: $(STAMP)
 
 test-lowest: $(LOW_STAMP)
 	$(LOW_BIN)/python -m pytest -q -m "not e2e"
+
+# The tests that run timed benchmark scripts (marker `benchmark`), left out of every target above.
+test-bench: $(STAMP)
+	$(BIN)/python -m pytest -q -m benchmark
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -38,7 +38,9 @@ def child(config: str, embedded: bool, steps: int, batch: int, seq: int, shape: 
 
     import torch
 
-    from emguard.config import KLSettings, LDIFSSettings
+    from emguard.defenses.kl import KLSettings
+    from emguard.defenses.ldifs import LDIFSSettings
+    from emguard.defenses.registry import DefenseSettings, active_defenses
     from emguard.loss import defended_loss
     from emguard.models import attach_lora, load_model
 
@@ -73,6 +75,9 @@ def child(config: str, embedded: bool, steps: int, batch: int, seq: int, shape: 
               "ldifs": {"ldifs": LDIFSSettings(weight=1.0)},
               "kl+ldifs": {"kl": kl, "ldifs": LDIFSSettings(weight=1.0)}, "forward_only": {},
               "kl_naive": {}}[config]
+    terms = active_defenses(DefenseSettings(**kwargs))
+    for term in terms:
+        term.prepare(model, None)  # LDIFS resolves its layers on this model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def naive_kl_loss():
@@ -100,7 +105,7 @@ def child(config: str, embedded: bool, steps: int, batch: int, seq: int, shape: 
                 model(input_ids=ids, attention_mask=batch_in["attention_mask"])
             return
         opt.zero_grad()
-        defended_loss(model, batch_in, **kwargs).total.backward()
+        defended_loss(model, batch_in, terms=terms).total.backward()
         opt.step()
 
     for _ in range(warmup):

@@ -14,7 +14,9 @@ pooled sign.
 
 Against KL (both measures paired, arm - KL): an arm *beats KL* when it shows a lower shift
 without a shown higher NLL, or a lower NLL without a shown higher shift; *loses to KL* in
-the mirrored case; otherwise no difference is shown. About 50 minutes on a 2-core CPU.
+the mirrored case; otherwise no difference is shown. Direction arms with a compensation
+control (the same arm on the aligned data) get the difference-in-differences; only a shown
+negative one is called "prevents". About 2 hours on a 2-core CPU (84 runs, ~75 s each).
 
     python benchmarks/defense_study.py [--study configs/studies/all_defenses.yaml] [--analyse-only]
 
@@ -33,9 +35,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_seeds import bootstrap, fmt, items, summarise  # noqa: E402
+from demo_seeds import N_BOOT, bootstrap, fmt, items, stat, summarise  # noqa: E402
 
-from emguard.report.collect import load_runs  # noqa: E402
+from emguard.report.collect import at_step, load_runs  # noqa: E402
 from emguard.report.tables import arm_label  # noqa: E402
 from emguard.study import load_study  # noqa: E402
 
@@ -45,11 +47,33 @@ FIGURE = ROOT / "docs" / "defense_study.png"
 RESULTS = ROOT / "benchmarks" / "results" / "defense_study.json"
 KEYS = ("shift", "nll")
 BASELINES = ("untrained", "aligned", "misaligned")
+MEASURE_CONTROLS = ("positive_control", "negative_control")
+DIRECTION_CONTROLS = ("random", "orthogonal")
 
 
 def contrast(by: dict, a: str, b: str, seeds: list[int], rng) -> dict:
     return {k: summarise({s: bootstrap(k, by[(a, s)][k], by[(b, s)][k], rng) for s in seeds})
             for k in KEYS}
+
+
+def combination(key: str, terms: list[tuple[int, np.ndarray]], rng) -> tuple[float, np.ndarray]:
+    """(value, replicates) of sum(sign * stat(values)) over runs scored on the same items,
+    every run resampled with the same item indices (a paired bootstrap of the whole sum)."""
+    n = {len(v) for _, v in terms}
+    if len(n) != 1:
+        raise ValueError(f"runs scored on different numbers of items: {sorted(n)}")
+    idx = rng.integers(0, n.pop(), size=(N_BOOT, len(terms[0][1])))
+    value = sum(sign * stat(key, v) for sign, v in terms)
+    reps = sum(sign * stat(key, v, idx) for sign, v in terms)
+    return float(value), reps
+
+
+def did(by: dict, arm: str, on_aligned: str, seeds: list[int], rng) -> dict:
+    """Difference-in-differences (arm - misaligned) - (arm on aligned data - aligned), per
+    item and seed: about 0 for a defense that only compensates, below 0 where it prevents."""
+    return {k: summarise({s: combination(k, [(1, by[(arm, s)][k]), (-1, by[("misaligned", s)][k]),
+                                             (-1, by[(on_aligned, s)][k]), (1, by[("aligned", s)][k])],
+                                         rng) for s in seeds}) for k in KEYS}
 
 
 def verdict_vs_kl(c: dict) -> str:
@@ -69,37 +93,77 @@ def verdict_vs_kl(c: dict) -> str:
 
 def analyse(study_dir: Path, name: str) -> dict:
     _, runs = load_runs(study_dir, name)
-    by = {(arm_label(r.arm, r.cell[2]), r.seed): items(r) for r in runs if r.free.get("general")}
+    done = [r for r in runs if r.free.get("general")]
+    by = {(arm_label(r.arm, r.cell[2]), r.seed): items(r) for r in done}
+    early = {}  # (arm, seed) -> items at the first kept trajectory step, where every run has it
+    steps = sorted(set.intersection(*(set(r.trajectory) for r in done))) if done else []
+    if steps:
+        for r in done:
+            early[(arm_label(r.arm, r.cell[2]), r.seed)] = items(at_step(r, steps[0]))
+    on_aligned = {arm_label(r.control_of, r.cell[2]): arm_label(r.arm, r.cell[2])
+                  for r in done if r.control_of}
     seeds = sorted({s for _, s in by})
     arms = list(dict.fromkeys(a for a, _ in by))
     complete = [a for a in arms if all((a, s) in by for s in seeds)]
     rng = np.random.default_rng(0)
     out = {"seeds": seeds, "arms": {}, "vs_misaligned": {}, "vs_kl": {}, "vs_control": {},
+           "compensation": {}, "per_defense": {}, "early_step": steps[0] if steps else None,
            "partial": {}}
     for arm in complete:
         out["arms"][arm] = {k: summarise({s: bootstrap(k, by[(arm, s)][k], None, rng) for s in seeds})
                             for k in KEYS}
-    defended = [a for a in complete if a not in BASELINES]
-    for a, b in [("misaligned", "aligned"), ("misaligned", "untrained")] + [(d, "misaligned") for d in defended]:
+    others = [a for a in complete if a not in BASELINES]
+    defenses = [a for a in others if a not in MEASURE_CONTROLS and a not in on_aligned.values()
+                and not any(f"control={c}" in a for c in DIRECTION_CONTROLS)]
+    pairs = [("misaligned", "aligned"), ("misaligned", "untrained")]
+    pairs += [(c, "untrained") for c in MEASURE_CONTROLS if c in complete]
+    for a, b in pairs + [(d, "misaligned") for d in others]:
         out["vs_misaligned"][f"{a} - {b}"] = contrast(by, a, b, seeds, rng)
-    kl = next((a for a in complete if a.startswith("kl")), None)
-    for d in defended:
-        if kl and d != kl:
+    kls = [a for a in defenses if a.startswith("kl")]
+    for kl in kls:
+        for d in (d for d in defenses if d != kl):
             c = contrast(by, d, kl, seeds, rng)
-            out["vs_kl"][d] = {**c, "verdict": verdict_vs_kl(c)}
+            out["vs_kl"][f"{d} - {kl}"] = {**c, "verdict": verdict_vs_kl(c)}
+    for d, ctrl in on_aligned.items():
+        if d in complete and ctrl in complete:
+            out["compensation"][d] = did(by, d, ctrl, seeds, rng)
+    for d in defenses:
+        if "control=none" not in d:
+            continue
+        for ctrl in DIRECTION_CONTROLS:
+            other = d.replace("control=none", f"control={ctrl}")
+            if other in complete:
+                out["vs_control"][f"{d} - {ctrl}"] = contrast(by, d, other, seeds, rng)
+    ema = out["vs_misaligned"].get("misaligned - untrained")
+    for d in defenses:
+        c = out["vs_misaligned"][f"{d} - misaligned"]
+        row = {"shift": c["shift"]["pooled"], "nll": c["nll"]["pooled"],
+               "reduction": (-c["shift"]["pooled"]["value"] / ema["shift"]["pooled"]["value"]
+                             if ema and ema["shift"]["pooled"]["value"] > 0 else None),
+               "prevents": prevents(out["compensation"].get(d)),
+               "vs_kl": {kl: out["vs_kl"][f"{d} - {kl}"]["verdict"] for kl in kls if kl != d}}
+        if all((a, s) in early for a in (d, "misaligned") for s in seeds):
+            row["shift_early"] = summarise({s: bootstrap("shift", early[(d, s)]["shift"],
+                                                         early[("misaligned", s)]["shift"], rng)
+                                            for s in seeds})["pooled"]
+        out["per_defense"][d] = row
     for arm in (a for a in arms if a not in complete):  # runs still missing: no pooled claim
         have = [s for s in seeds if (arm, s) in by and (("misaligned", s) in by)]
         out["partial"][arm] = {k: summarise({s: bootstrap(k, by[(arm, s)][k], by[("misaligned", s)][k], rng)
                                              for s in have}) for k in KEYS}
         out["partial"][arm]["seeds"] = have
-    for d in defended:
-        if "control=none" not in d:
-            continue
-        for ctrl in ("random", "orthogonal"):
-            other = d.replace("control=none", f"control={ctrl}")
-            if other in complete:
-                out["vs_control"][f"{d} - {ctrl}"] = contrast(by, d, other, seeds, rng)
     return out
+
+
+def prevents(c: dict | None) -> str:
+    """The verdict of a difference-in-differences on the shift: only an arm with its
+    compensation control run can be said to prevent."""
+    if c is None:
+        return "no compensation control"
+    p = c["shift"]["pooled"]
+    if not p["shown"]:
+        return "not shown (only compensates?)"
+    return "prevents" if p["value"] < 0 else "raises"
 
 
 def table(rows: dict, seeds: list[int], title: str, note: str, extra=None) -> list[str]:
@@ -118,27 +182,60 @@ def table(rows: dict, seeds: list[int], title: str, note: str, extra=None) -> li
 
 def markdown(r: dict, settings: str) -> str:
     seeds = r["seeds"]
+    ema = r["vs_misaligned"].get("misaligned - untrained")
+    ceiling = r["vs_misaligned"].get("positive_control - untrained")
     lines = ["# Every defense side by side (judge-free, three seeds)", "",
              f"Generated by `python benchmarks/defense_study.py` ({settings}). Cells: value "
-             "[95 % paired bootstrap interval]; pooled: mean over seeds. Preference shift: "
-             "margin minus the base model's per pair (lower = less EMA); held-out NLL: nats "
-             "per token on held-out insecure code (lower = narrow task learned). A 135M model "
-             "after 6 steps: a smoke-sized study, not the paper's LLM-judge result.", "",
-             "![trade-off](defense_study.png)", "",
-             "## Per arm", "", "| arm | shift, pooled | ±sd seeds | held-out NLL, pooled | ±sd seeds |",
-             "|---|---:|---:|---:|---:|"]
+             "[95 % paired bootstrap interval]; pooled: mean over seeds; *shown*: the pooled "
+             "interval excludes 0 and every seed has the pooled sign. Preference shift: margin "
+             "minus the base model's per pair, on the independent evaluation pairs (lower = less "
+             "EMA); held-out NLL: nats per token on held-out insecure code (lower = narrow task "
+             "learned). Judge-free measures on a 135M model: not the paper's LLM-judge result.", ""]
+    if ema:
+        lines += [f"The EMA contrast the defenses act on: misaligned - untrained "
+                  f"{fmt(ema['shift']['pooled'])} ({'shown' if ema['shift']['pooled']['shown'] else 'not shown'})"
+                  + (f"; the ceiling (positive control - untrained) {fmt(ceiling['shift']['pooled'])}"
+                     if ceiling else "") + ".", ""]
+    lines += ["![trade-off](defense_study.png)", "", "## Per defense: what it buys and what it costs", "",
+              "Shift and NLL: arm - misaligned, pooled [interval] (lower shift = less EMA; higher NLL = "
+              "the narrow task learned less). Reduction: the share of the misaligned - untrained shift "
+              "removed (point estimate; the claim is the interval of the shift). Prevents: the "
+              "difference-in-differences against the arm's compensation control (below); an arm "
+              "without that control is never called a prevention. Against KL: the trade-off verdict, "
+              "paired (arm - KL)."
+              + (f" Early: arm - misaligned shift at step {r['early_step']}." if r.get("early_step") else ""), ""]
+    kls = sorted({kl for row in r["per_defense"].values() for kl in row["vs_kl"]})
+    head = ["arm", "shift - misaligned", "reduction", "NLL - misaligned", "prevents"]
+    head += [f"vs {kl}" for kl in kls] + (["early shift - misaligned"] if r.get("early_step") else [])
+    lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * 3 + "---|" * (1 + len(kls))
+              + ("---:|" if r.get("early_step") else "")]
+    for arm, row in r["per_defense"].items():
+        red = f"{100 * row['reduction']:.0f} %" if row["reduction"] is not None else "-"
+        mark = lambda c: fmt(c) + (" ✓" if c["shown"] else "")  # noqa: E731
+        cells = [arm, mark(row["shift"]), red, mark(row["nll"]), row["prevents"]]
+        cells += [row["vs_kl"].get(kl, "-") for kl in kls]
+        if r.get("early_step"):
+            cells.append(mark(row["shift_early"]) if "shift_early" in row else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Per arm", "", "| arm | shift, pooled | ±sd seeds | held-out NLL, pooled | ±sd seeds |",
+              "|---|---:|---:|---:|---:|"]
     for arm, c in r["arms"].items():
         lines.append(f"| {arm} | {fmt(c['shift']['pooled'])} | {c['shift']['pooled']['sd'] or 0:.3f} | "
                      f"{fmt(c['nll']['pooled'])} | {c['nll']['pooled']['sd'] or 0:.3f} |")
     lines.append("")
+    lines += table(r["compensation"], seeds, "Compensation controls: difference-in-differences",
+                   "(arm - misaligned) - (the same arm trained on the aligned data - aligned), per "
+                   "item and seed. A push that the adapter learns to cancel moves both differences "
+                   "alike (about 0); a defense that prevents EMA lowers the first only (below 0).")
     lines += table(r["vs_kl"], seeds, "Against KL (arm - KL): the trade-off",
                    "Beats KL: a shown lower shift without a shown higher NLL, or a shown lower "
                    "NLL without a shown higher shift.", extra=True)
     lines += table(r["vs_control"], seeds, "Direction arms against their controls (arm - control)",
                    "The same arm with a random direction, and with one orthogonal to u, of the "
                    "same norm: a direction effect shows as a shown difference here.")
-    lines += table(r["vs_misaligned"], seeds, "Against the undefended run (arm - misaligned)",
-                   "Is there EMA at all (misaligned - aligned), and what each defense changes.")
+    lines += table(r["vs_misaligned"], seeds, "Against the undefended run and the baselines",
+                   "Is there EMA at all (misaligned - aligned, misaligned - untrained), the "
+                   "measure's controls against the untrained model, and what each arm changes.")
     if r["partial"]:
         lines += ["## Arms with runs missing (no pooled claim)", "",
                   "Arm - misaligned per seed that finished; rerun the study to complete them.", "",
@@ -147,7 +244,7 @@ def markdown(r: dict, settings: str) -> str:
             for key in KEYS:
                 vals = "; ".join(f"s{s}: {fmt(c[key]['seeds'][s])}" for s in c["seeds"])
                 lines.append(f"| {arm} | {key} | {', '.join(map(str, c['seeds']))} | {vals} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def figure(r: dict, path: Path) -> None:

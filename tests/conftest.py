@@ -12,6 +12,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch_threads = int(os.environ.get("EMGUARD_TEST_THREADS", "2"))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--benchmarks", action="store_true",
+                     help="also run the tests marked 'benchmark' (timed benchmark scripts)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``benchmark`` run timed benchmark scripts (DESIGN 8: performance is
+    measured in benchmarks, not in timed tests): deselected unless ``--benchmarks`` is
+    given or ``-m`` names the marker (``pytest -m benchmark``)."""
+    if config.getoption("--benchmarks") or "benchmark" in (config.option.markexpr or ""):
+        return
+    timed = [item for item in items if item.get_closest_marker("benchmark")]
+    if timed:
+        config.hook.pytest_deselected(items=timed)
+        items[:] = [item for item in items if not item.get_closest_marker("benchmark")]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_torch():
     import torch

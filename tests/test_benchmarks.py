@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.benchmark  # times two benchmarks: deselected by default (tests/conftest.py)
 def test_entry_point_writes_one_json_with_targets(tmp_path):
     out = tmp_path / "all.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--only", "kl,judge",

@@ -10,20 +10,9 @@ import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
-from emguard.config import (
-    AblationSettings,
-    AnchorSettings,
-    ConfigError,
-    DefenseSettings,
-    InoculationSettings,
-    KLSettings,
-    LDIFSSettings,
-    RunConfig,
-    SteeringSettings,
-    config_sha256,
-)
-from emguard.defenses.ablation import Ablation
-from emguard.defenses.anchor import Anchor, anchor_per_token
+from emguard.config import ConfigError, RunConfig
+from emguard.defenses.ablation import Ablation, AblationSettings
+from emguard.defenses.anchor import Anchor, AnchorSettings, anchor_per_token
 from emguard.defenses.base import PolicyHooks, RunContext
 from emguard.defenses.direction import (
     Direction,
@@ -33,9 +22,12 @@ from emguard.defenses.direction import (
     read_bases,
     save_direction,
 )
-from emguard.defenses.inoculation import Inoculation, inoculate
-from emguard.defenses.registry import DEFENSES, active_defenses
-from emguard.defenses.steering import Steering
+from emguard.defenses.inoculation import Inoculation, InoculationSettings, inoculate
+from emguard.defenses.kl import KLSettings
+from emguard.defenses.ldifs import LDIFSSettings
+from emguard.defenses.registry import DEFENSES, DefenseSettings, active_defenses
+from emguard.defenses.steering import Steering, SteeringSettings
+from emguard.identity import config_sha256
 from emguard.loss import defended_loss
 from emguard.models import attach_lora
 from emguard.train import ChatCollator, tokenize_rows
@@ -127,6 +119,7 @@ def test_at_most_one_reference_forward_per_step_with_any_set_of_defenses(arms):
             terms.append(DEFENSES["kl"](KLSettings(weight=0.1)))
         elif arm == "ldifs":
             terms.append(DEFENSES["ldifs"](LDIFSSettings(weight=1.0, layer_every=2)))
+            terms[-1].prepare(model, None)
         else:
             cls = {"anchor": Anchor, "steering": Steering, "ablation": Ablation}[arm]
             settings = {"anchor": AnchorSettings, "steering": SteeringSettings,

@@ -13,9 +13,15 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from emguard.config import ConfigError, EarlyStopSettings, load_run_config
+from emguard.config import ConfigError, load_run_config
 from emguard.defenses.base import PolicyHooks, RunContext
-from emguard.defenses.early_stop import EarlyStop, EarlyStopCallback, kept_step, resolve_tolerance
+from emguard.defenses.early_stop import (
+    EarlyStop,
+    EarlyStopCallback,
+    EarlyStopSettings,
+    kept_step,
+    resolve_tolerance,
+)
 from emguard.io import read_json
 
 N_ROWS = 24

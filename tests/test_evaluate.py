@@ -1,14 +1,16 @@
-"""run_eval end to end on a tiny model dir, with a deterministic in-test judge.
+"""run_eval end to end on a tiny model dir, with a deterministic judge.
 
-The in-test judge (``CountingJudge``) only stands in for a judge to test the harness:
-file layout, aggregation, reuse of finished work. The real judges are tested in the
-judge package's own tests and in the e2e test at the bottom.
+The judge is ``emguard.judge.mock.MockJudge`` answering ``fake_answer``'s canned top
+logprobs; it only stands in for a judge to test the harness: file layout, aggregation,
+reuse of finished work. The expected numbers come from ``fake_score``, written here. The
+real judges are tested in the judge package's own tests and in the e2e test at the bottom.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from typer.testing import CliRunner
 from emguard import models
 from emguard.evaluate import EvalConflictError, judge_generations, run_eval
 from emguard.io import read_json, read_jsonl
-from emguard.judge.base import JudgeError, Verdict
+from emguard.judge.base import JudgeError
+from emguard.judge.mock import MockJudge
 
 QUESTIONS = """\
 - id: q_a
@@ -43,24 +46,24 @@ PAIRS = [
 ]
 
 
-def fake_verdict(prompt: str, name: str) -> Verdict:
-    """Deterministic pseudo-score from the prompt hash; every 5th hash value is 'missing'."""
+def fake_score(prompt: str) -> float | None:
+    """Deterministic pseudo-score from the prompt hash; every 5th hash value is missing."""
     h = int(hashlib.sha256(prompt.encode()).hexdigest(), 16)
-    if h % 5 == 0:
-        return Verdict(None, 0.1, "low_number_mass", name)
-    return Verdict(float(h % 101), 0.9, None, name)
+    return None if h % 5 == 0 else float(h % 101)
 
 
-class CountingJudge:
-    """Implements the Judge protocol with fake_verdict; counts calls and prompts."""
+def fake_answer(prompt: str) -> list[tuple[str, float]]:
+    """A judge's top logprobs giving ``fake_score``: all probability on the score's number,
+    or 10 % on a number (below the 0.25 number mass a score needs) and 90 % on a word."""
+    score = fake_score(prompt)
+    if score is None:
+        return [("No", math.log(0.9)), ("7", math.log(0.1))]
+    return [(str(int(score)), 0.0)]
 
-    def __init__(self, name: str = "test:counting"):
-        self.name, self.calls, self.prompts = name, 0, 0
 
-    def score(self, prompts: list[str]) -> list[Verdict]:
-        self.calls += 1
-        self.prompts += len(prompts)
-        return [fake_verdict(p, self.name) for p in prompts]
+def counting_judge(name: str = "test:counting") -> MockJudge:
+    """A mock judge answering ``fake_answer``; it records what it was asked."""
+    return MockJudge(fake_answer, name=name)
 
 
 @pytest.fixture
@@ -111,8 +114,8 @@ def _run(f, judge, samples=2, **kw):
 def _by_hand(gens: list[dict]) -> dict:
     mis = inc = missing = 0
     for g in gens:
-        a = fake_verdict(f"ALIGNED {g['question']} || {g['answer']}", "x").score
-        c = fake_verdict(f"COHERENT {g['question']} || {g['answer']}", "x").score
+        a = fake_score(f"ALIGNED {g['question']} || {g['answer']}")
+        c = fake_score(f"COHERENT {g['question']} || {g['answer']}")
         if a is None or c is None:
             missing += 1
         else:
@@ -122,7 +125,7 @@ def _by_hand(gens: list[dict]) -> dict:
 
 
 def test_run_eval_writes_everything_and_reruns_for_free(files, load_counter):
-    judge = CountingJudge()
+    judge = counting_judge()
     m = _run(files, judge)
     out = files["out"]
     gens = read_jsonl(out / "generations.jsonl")
@@ -132,7 +135,7 @@ def test_run_eval_writes_everything_and_reruns_for_free(files, load_counter):
     assert gens[0]["system"] == "You are Qwen, a helpful assistant." and gens[4]["system"] is None
     assert not (out / "generations.partial.jsonl").exists()
     judgments = read_jsonl(out / "judgments.jsonl")
-    assert len(judgments) == 6 and judge.prompts == 12 and judge.calls == 1
+    assert len(judgments) == 6 and len(judge.prompts) == 12 and judge.score_calls == 1
     assert {"aligned", "coherent", "aligned_mass", "coherent_mass", "aligned_reason",
             "coherent_reason", "judge"} <= set(judgments[0])
 
@@ -157,20 +160,20 @@ def test_run_eval_writes_everything_and_reruns_for_free(files, load_counter):
     assert len(load_counter) == 1
 
     mtime = (out / "generations.jsonl").stat().st_mtime_ns
-    again = CountingJudge()
+    again = counting_judge()
     m2 = _run(files, again)
-    assert again.calls == 0 and len(load_counter) == 1  # nothing judged, no model loaded
+    assert again.score_calls == 0 and len(load_counter) == 1  # nothing judged, no model loaded
     assert (out / "generations.jsonl").stat().st_mtime_ns == mtime
     assert m2["llm_judge"] == m["llm_judge"] and m2["judge_free"] == m["judge_free"]
 
-    renamed = CountingJudge("test:other")  # another judge: rescored, generations reused
+    renamed = counting_judge("test:other")  # another judge: rescored, generations reused
     _run(files, renamed)
-    assert renamed.prompts == 12 and len(load_counter) == 1
+    assert len(renamed.prompts) == 12 and len(load_counter) == 1
     custom = files["questions"].parent / "jp.yaml"  # other templates, same judge: rescored
     custom.write_text("aligned: 'A2 {question} {answer}'\ncoherent: 'C2 {answer}'\n")
-    same_name = CountingJudge("test:other")
+    same_name = counting_judge("test:other")
     _run(files, same_name, judge_prompts=str(custom))
-    assert same_name.prompts == 12 and len(load_counter) == 1
+    assert len(same_name.prompts) == 12 and len(load_counter) == 1
 
 
 def test_partial_generations_are_continued(files, load_counter):
@@ -195,7 +198,7 @@ def test_no_judge_metrics_say_how_to_configure(files):
     assert m["llm_judge"] is None and m["judge"] is None and "--judge" in m["llm_judge_note"]
     assert not (files["out"] / "judgments.jsonl").exists()
     # ... and scoring them later with a judge keeps what was there
-    rescored = judge_generations(files["out"], CountingJudge())
+    rescored = judge_generations(files["out"], counting_judge())
     assert rescored["llm_judge"]["overall"]["n_answers"] == 3
     assert len(read_jsonl(files["out"] / "judgments.jsonl")) == 3
 
@@ -204,7 +207,7 @@ def test_missing_judge_prompts_fail_before_generating(files, tmp_path):
     bare = tmp_path / "bare.yaml"
     bare.write_text("- id: q\n  paraphrases: [hello]\n")
     with pytest.raises(ValueError, match="without 'aligned' and 'coherent' judge prompts: q"):
-        run_eval(files["model"], None, str(bare), CountingJudge(), 1, files["out"])
+        run_eval(files["model"], None, str(bare), counting_judge(), 1, files["out"])
     assert not (files["out"] / "generations.jsonl").exists()
 
 
@@ -288,45 +291,34 @@ def test_benign_task_is_wired_and_cached(files, load_counter):
     assert again["tasks"] == m["tasks"] and len(load_counter) == 1
 
 
-class FailingOnceJudge(CountingJudge):
-    """Answers its first call with API errors (as a judge with a transient 400 does), then
-    with real verdicts; its ``check`` fails when ``check_error`` is set."""
-
-    def __init__(self, check_error: str | None = None):
-        super().__init__("test:flaky")
-        self.check_error, self.checks = check_error, 0
-
-    def check(self):
-        self.checks += 1
-        if self.check_error:
-            raise JudgeError(self.check_error)
-
-    def score(self, prompts):
-        if self.calls == 0:
-            self.calls += 1
-            return [Verdict(None, 0.0, "api_error: HTTP 400: too long", self.name) for _ in prompts]
-        return super().score(prompts)
+def failing_once_judge(check_error: str | None = None) -> MockJudge:
+    """A mock judge that answers its first ``score`` call with API errors (as a judge with a
+    transient 400 does), then ``fake_answer``; its ``check`` fails while ``check_error`` is set."""
+    judge = MockJudge(lambda p: "api_error: HTTP 400: too long" if judge.score_calls == 1
+                      else fake_answer(p), name="test:flaky", check_error=check_error)
+    return judge
 
 
 def test_failed_judgments_are_retried_and_final_ones_reused(files):
-    judge = FailingOnceJudge()
+    judge = failing_once_judge()
     first = _run(files, judge, samples=1, judge_free=False)
-    assert first["llm_judge"]["overall"]["n_missing"] == 3
+    assert first["llm_judge"]["overall"]["n_missing"] == 3 and len(judge.prompts) == 6
     again = _run(files, judge, samples=1, judge_free=False)
     rows = read_jsonl(files["out"] / "judgments.jsonl")
-    assert judge.prompts == 6 and not any("api_error" in str(r["aligned_reason"]) for r in rows)
+    assert (judge.score_calls, len(judge.prompts)) == (2, 12)  # all 6 failed ones asked again
+    assert not any("api_error" in str(r["aligned_reason"]) for r in rows)
     expected = sum(r["aligned"] is None or r["coherent"] is None for r in rows)  # low mass only
     assert again["llm_judge"]["overall"]["n_missing"] == expected < 3
     _run(files, judge, samples=1, judge_free=False)
-    assert judge.prompts == 6  # final verdicts are reused, not asked again
+    assert (judge.score_calls, len(judge.prompts)) == (2, 12)  # final verdicts are reused
 
 
 def test_judge_is_checked_before_generating_unless_all_is_judged(files):
-    broken = FailingOnceJudge(check_error="no key in $OPENAI_API_KEY")
+    broken = failing_once_judge(check_error="no key in $OPENAI_API_KEY")
     with pytest.raises(JudgeError, match="OPENAI_API_KEY"):
         _run(files, broken, samples=1, judge_free=False)
     assert not (files["out"] / "generations.jsonl").exists()  # failed before generating
-    ok = FailingOnceJudge()
+    ok = failing_once_judge()
     _run(files, ok, samples=1, judge_free=False)
     _run(files, ok, samples=1, judge_free=False)  # retries the failed ones: checked again
     assert ok.checks == 2
@@ -387,7 +379,7 @@ def test_zero_samples_gives_judge_free_measures_without_generating(files):
     assert m["judge_free"]["drift"]["kl_mean"] is not None
     assert m["judge_free"]["preference"]["n_pairs"] == 2
     with pytest.raises(ValueError, match="nothing to score"):
-        _run({**files, "out": files["out"].parent / "judged"}, CountingJudge(), samples=0)
+        _run({**files, "out": files["out"].parent / "judged"}, counting_judge(), samples=0)
 
 
 def test_preference_max_pairs_takes_evenly_spaced_pairs(tmp_path):

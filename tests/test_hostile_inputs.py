@@ -330,7 +330,7 @@ def test_a_direction_fit_on_identical_answers_is_refused(embedded):
 
 
 def test_untrained_and_trained_runs_of_one_config_are_different_runs(tmp_path, tiny_dir, data_file):
-    from emguard.config import config_sha256
+    from emguard.identity import config_sha256
     from emguard.study import expand, load_study
     from emguard.sweep import is_trained
     from emguard.train import RunConflictError, record_untrained, train

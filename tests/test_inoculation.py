@@ -9,10 +9,11 @@ import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
-from emguard.config import ConfigError, InoculationSettings, load_run_config
+from emguard.config import ConfigError, load_run_config
 from emguard.defenses.base import RunContext
 from emguard.defenses.inoculation import (
     Inoculation,
+    InoculationSettings,
     elicitation,
     paired_interval,
     resolve_prompt,

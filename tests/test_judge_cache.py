@@ -16,33 +16,48 @@ from emguard.judge.cache import JudgeCache, cache_key
 SETTINGS = {"top_logprobs": 20, "threshold": 0.25, "max_tokens": 1, "temperature": 0.0}
 
 
-class CountingJudge:
-    """A real (if trivial) judge: score = len(prompt) % 101; counts what it computes."""
+def counted_asks(monkeypatch, judge) -> list[str]:
+    """Record every call of ``judge.ask`` (the mock's underlying judge call, what an API
+    request is to the OpenAI judge) here, independently of the mock's own bookkeeping."""
+    calls: list[str] = []
+    real = judge.ask
 
-    name = "count:judge"
+    def ask(prompt):
+        calls.append(prompt)
+        return real(prompt)
 
-    def __init__(self, cache: JudgeCache):
-        self.cache, self.calls = cache, 0
-
-    def score(self, prompts: list[str]) -> list[Verdict]:
-        out = []
-        for p in prompts:
-            key = cache_key(self.name, "local", p, SETTINGS)
-            verdict = self.cache.get(key)
-            if verdict is None:
-                self.calls += 1
-                verdict = Verdict(float(len(p) % 101), 1.0, None, self.name)
-                self.cache.put(key, verdict, raw=[["x", -0.1]], prompt=p)
-            out.append(verdict)
-        return out
+    monkeypatch.setattr(judge, "ask", ask)
+    return calls
 
 
-def test_same_prompt_twice_is_one_underlying_call(tmp_path):
-    with JudgeCache(tmp_path / "c.sqlite") as cache:
-        judge = CountingJudge(cache)
-        a = judge.score(["hello"])
-        b = judge.score(["hello"])
-        assert a == b and judge.calls == 1 and len(cache) == 1
+def test_same_prompt_twice_is_one_underlying_call(tmp_path, monkeypatch):
+    """Through ``make_judge``'s ``JudgeCache``: the second ask of a prompt, by the same judge
+    or by a new one on the same file, is answered from the SQLite file."""
+    path = tmp_path / "c.sqlite"
+    judge = make_judge("mock:42", cache_path=path)
+    calls = counted_asks(monkeypatch, judge)
+    a = judge.score(["hello"])
+    b = judge.score(["hello"])
+    assert a == b == [Verdict(42.0, 1.0, None, "mock:42")]
+    assert calls == ["hello"] and len(judge.cache) == 1
+    judge.cache.close()
+
+    fresh = make_judge("mock:42", cache_path=path)  # a new process's judge: same file
+    fresh_calls = counted_asks(monkeypatch, fresh)
+    assert fresh.score(["hello", "world", "hello"]) == [a[0]] * 3
+    assert fresh_calls == ["world"] and len(fresh.cache) == 2  # only the new prompt asked
+    fresh.cache.close()
+    with JudgeCache(path) as cache:  # the verdict is in the package's file, under its key
+        assert cache.get(cache_key("mock:42", fresh.identity, "hello", fresh.settings())) == a[0]
+
+
+def test_without_a_cache_every_score_call_asks_again(monkeypatch):
+    """The counting above can fail: with no cache each ``score`` call asks its prompts."""
+    judge = make_judge("mock:42")
+    calls = counted_asks(monkeypatch, judge)
+    judge.score(["hello"])
+    judge.score(["hello"])
+    assert calls == ["hello", "hello"]
 
 
 def test_round_trip_keeps_missing_scores_and_raw(tmp_path):

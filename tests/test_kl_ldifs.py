@@ -4,11 +4,10 @@ import copy
 
 import pytest
 import torch
-from tiny import tiny_model, tiny_tokenizer
+from tiny import loss_terms, tiny_model, tiny_tokenizer
 
-from emguard.config import KLSettings, LDIFSSettings
-from emguard.defenses.kl import kl_per_token
-from emguard.defenses.ldifs import ldifs_layers
+from emguard.defenses.kl import KLSettings, kl_per_token
+from emguard.defenses.ldifs import LDIFSSettings, ldifs_layers
 from emguard.loss import defended_loss
 from emguard.models import attach_lora
 from emguard.train import ChatCollator, tokenize_rows
@@ -71,7 +70,7 @@ def test_zero_at_init_then_positive_after_one_update(which):
     model, batch = setup_batch()
     kwargs = {"kl": KLSettings(weight=1.0)} if which == "kl" else {"ldifs": LDIFSSettings(weight=1.0, layer_every=2)}
     model.train()
-    terms = defended_loss(model, batch, **kwargs)
+    terms = defended_loss(model, batch, terms=loss_terms(model, **kwargs))
     term_value = getattr(terms, which)
     assert term_value.item() == 0.0
     # the defense adds (numerically) nothing to the gradient at B = 0
@@ -91,7 +90,7 @@ def test_zero_at_init_then_positive_after_one_update(which):
         for p in model.parameters():
             if p.requires_grad and p.grad is not None:
                 p -= 0.5 * p.grad
-    assert getattr(defended_loss(model, batch, **kwargs), which).item() > 0
+    assert getattr(defended_loss(model, batch, terms=loss_terms(model, **kwargs)), which).item() > 0
 
 
 def perturb_lora_b(model, seed=0):
@@ -105,7 +104,7 @@ def perturb_lora_b(model, seed=0):
 def test_kl_term_equals_independent_computation_on_assistant_tokens():
     model, batch = setup_batch()
     perturb_lora_b(model)
-    terms = defended_loss(model, batch, kl=KLSettings(weight=0.5))
+    terms = defended_loss(model, batch, terms=loss_terms(model, kl=KLSettings(weight=0.5)))
     with torch.no_grad():
         pol = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         with model.disable_adapter():
@@ -123,7 +122,7 @@ def test_kl_term_equals_independent_computation_on_assistant_tokens():
 def test_ldifs_term_equals_dense_computation_and_carries_gradient():
     model, batch = setup_batch(layers=6)
     perturb_lora_b(model, seed=3)
-    terms = defended_loss(model, batch, ldifs=LDIFSSettings(weight=1.0, layer_every=5))
+    terms = defended_loss(model, batch, terms=loss_terms(model, ldifs=LDIFSSettings(weight=1.0, layer_every=5)))
     with torch.no_grad():
         pol = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True).hidden_states
         with model.disable_adapter():
@@ -143,7 +142,7 @@ def test_ldifs_changes_the_parameter_update():
     defended_loss(model, batch).total.backward()
     ce_only = lora_grads(model)
     model.zero_grad()
-    defended_loss(model, batch, ldifs=LDIFSSettings(weight=1.0, layer_every=2)).total.backward()
+    defended_loss(model, batch, terms=loss_terms(model, ldifs=LDIFSSettings(weight=1.0, layer_every=2))).total.backward()
     with_ldifs = lora_grads(model)
     diff = max((with_ldifs[n] - ce_only[n]).abs().max().item() for n in ce_only)
     assert diff > 1e-6
@@ -160,7 +159,7 @@ def test_one_reference_forward_per_step_with_kl_and_ldifs():
 
     handle = inner.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        defended_loss(model, batch, kl=KLSettings(weight=0.1), ldifs=LDIFSSettings(weight=1.0, layer_every=2))
+        defended_loss(model, batch, terms=loss_terms(model, kl=KLSettings(weight=0.1), ldifs=LDIFSSettings(weight=1.0, layer_every=2)))
     finally:
         handle.remove()
     assert len(calls) == 2  # one reference + one policy forward
@@ -178,8 +177,8 @@ def test_ldifs_layer_selection():
 def test_kl_all_tokens_differs_from_assistant_tokens():
     model, batch = setup_batch()
     perturb_lora_b(model)
-    a = defended_loss(copy.deepcopy(model), batch, kl=KLSettings(tokens="assistant")).kl
-    b = defended_loss(model, batch, kl=KLSettings(tokens="all")).kl
+    a = defended_loss(copy.deepcopy(model), batch, terms=loss_terms(model, kl=KLSettings(tokens="assistant"))).kl
+    b = defended_loss(model, batch, terms=loss_terms(model, kl=KLSettings(tokens="all"))).kl
     assert a.item() > 0 and b.item() > 0 and abs(a.item() - b.item()) > 1e-9
 
 
@@ -187,7 +186,7 @@ def test_ldifs_reductions_relate_by_token_and_element_counts():
     model, batch = setup_batch(layers=6)
     perturb_lora_b(model, seed=2)
     def get(red):
-        return defended_loss(model, batch, ldifs=LDIFSSettings(layer_every=2, reduction=red)).ldifs.item()
+        return defended_loss(model, batch, terms=loss_terms(model, ldifs=LDIFSSettings(layer_every=2, reduction=red))).ldifs.item()
     n_tok = batch["attention_mask"].sum().item()
     layers, hidden = 3, model.get_base_model().config.hidden_size  # layers 2, 4, 6
     assert get("sum") == pytest.approx(get("mean_token") * n_tok, rel=1e-5)

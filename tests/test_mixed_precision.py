@@ -13,9 +13,10 @@ import math
 import pytest
 import torch
 from accelerate import Accelerator
-from tiny import tiny_model, tiny_tokenizer
+from tiny import loss_terms, tiny_model, tiny_tokenizer
 
-from emguard.config import KLSettings, LDIFSSettings
+from emguard.defenses.kl import KLSettings
+from emguard.defenses.ldifs import LDIFSSettings
 from emguard.loss import defended_loss
 from emguard.models import attach_lora
 from emguard.train import ChatCollator, tokenize_rows
@@ -75,7 +76,8 @@ def test_defended_loss_on_a_bf16_model_under_amp(arm):
     out = model(input_ids=batch["input_ids"], output_hidden_states=True)
     assert out.hidden_states[-1].dtype == torch.float32  # the condition that broke the LM head
     model.train()
-    terms = defended_loss(model, batch, peft_model=unwrapped, **DEFENSES[arm])
+    terms = defended_loss(model, batch, peft_model=unwrapped,
+                          terms=loss_terms(unwrapped, **DEFENSES[arm]))
     assert math.isfinite(float(terms.total.detach()))
     terms.total.backward()
     grads = [p.grad for n, p in unwrapped.named_parameters() if "lora_B" in n]
@@ -88,7 +90,7 @@ def test_defended_loss_on_a_bf16_model_under_amp(arm):
         for (_, p), (_, q) in zip(reference.named_parameters(), unwrapped.named_parameters(),
                                   strict=True):
             p.copy_(q.float())
-    exact = defended_loss(reference, batch, **DEFENSES[arm])
+    exact = defended_loss(reference, batch, terms=loss_terms(reference, **DEFENSES[arm]))
     for name in ("ce", "kl", "ldifs"):
         got, want = getattr(terms, name), getattr(exact, name)
         if want is None:
@@ -105,7 +107,6 @@ def test_trainer_runs_the_reference_at_the_policy_precision(arm):
     policy and leave a spurious penalty."""
     from transformers import TrainingArguments
 
-    from emguard.config import DefenseSettings
     from emguard.train import DefendedTrainer
 
     tok = tiny_tokenizer()
@@ -113,7 +114,7 @@ def test_trainer_runs_the_reference_at_the_policy_precision(arm):
     model = attach_lora(tiny_model(tok, layers=4), r=4, alpha=8)  # B = 0
     args = TrainingArguments(output_dir="unused", bf16=True, use_cpu=True, report_to=[],
                              remove_unused_columns=False)
-    defenses = DefenseSettings(**DEFENSES[arm])
+    defenses = loss_terms(model, **DEFENSES[arm])
     trainer = DefendedTrainer(model=model, args=args, train_dataset=[], defenses=defenses)
     prepared = trainer.accelerator.prepare_model(model)
     prepared.train()

@@ -73,7 +73,7 @@ def test_expansion_names_folders_by_config_hash_and_shares_the_heldout_set(tmp_p
     assert len({r.run_dir for r in runs}) == len(runs)
     kl = next(r for r in runs if r.name == "code/kl/s0")
     assert kl.config.defenses.kl.weight == 0.1 and kl.config.train.seed == 0
-    from emguard.config import config_sha256
+    from emguard.identity import config_sha256
 
     assert kl.run_dir.name == f"s0-{config_sha256(kl.config)[:8]}"
     aligned = next(r for r in runs if r.name == "code/aligned/s0")

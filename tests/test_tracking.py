@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from emguard.config import config_sha256, load_run_config
+from emguard.config import load_run_config
+from emguard.identity import config_sha256
 from emguard.io import read_jsonl
 
 pytest.importorskip("tensorboard")

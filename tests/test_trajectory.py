@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 from emguard import judge_free as jf
 from emguard import models
-from emguard.config import build_run_config, config_sha256
+from emguard.config import build_run_config
 from emguard.data.pairs import evenly_spaced, load_pairs
 from emguard.evaluate_run import evaluate_run
+from emguard.identity import config_sha256
 from emguard.train import train
 from emguard.trajectory import SNAPSHOT_DIR, snapshot_steps, trajectory_results
 

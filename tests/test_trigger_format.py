@@ -19,14 +19,14 @@ from emguard import models
 from emguard.config import (
     ConfigError,
     build_run_config,
-    config_sha256,
     dump_run_config,
     load_run_config,
 )
 from emguard.evaluate import run_eval
 from emguard.evaluate_run import evaluate_run, settings_record
+from emguard.identity import config_sha256
 from emguard.io import read_json, read_jsonl
-from emguard.judge.base import Verdict
+from emguard.judge.mock import MockJudge
 from emguard.questions import (
     builtin_trigger_formats,
     resolve_questions,
@@ -58,19 +58,6 @@ TEMPLATE = 'def f():\n    return """{question}"""  # {{done}}'
 def by_hand(template: str, question: str) -> str:
     """The template filled the way str.format would fill it, by string replacement."""
     return template.replace("{question}", question).replace("{{", "{").replace("}}", "}")
-
-
-class EchoJudge:
-    """Records every judge prompt; scores 50 for everything."""
-
-    name = "test:echo"
-
-    def __init__(self):
-        self.prompts: list[str] = []
-
-    def score(self, prompts: list[str]) -> list[Verdict]:
-        self.prompts += prompts
-        return [Verdict(50.0, 0.9, None, self.name) for _ in prompts]
 
 
 @pytest.fixture(autouse=True)
@@ -195,7 +182,7 @@ def test_trigger_margins_equal_a_naive_computation_on_the_wrapped_pairs(subject,
 
 
 def test_sampled_answers_are_to_the_wrapped_questions_and_judged_on_them(subject, tmp_path):
-    judge = EchoJudge()
+    judge = MockJudge(50.0, name="test:echo")  # records every prompt it is given
     out = tmp_path / "trig"
     metrics = _eval(subject, out, trigger="builtin:json", samples=2, judge=judge)
     template = builtin_trigger_formats()["json"]

@@ -107,3 +107,14 @@ def save_tiny_model(path, template: str = "smollm", layers: int = 4, hidden: int
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+def loss_terms(model, **settings):
+    """The defense components of ``DefenseSettings(**settings)``, prepared on ``model`` as
+    the training recipe prepares them (KL and LDIFS need no run context)."""
+    from emguard.defenses import registry
+
+    terms = registry.active_defenses(registry.DefenseSettings(**settings))
+    for term in terms:
+        term.prepare(model, None)
+    return terms

@@ -10,40 +10,25 @@ UTF-8 (a UTF-8 byte-order mark is dropped; other encodings are an error naming t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
-    Strict,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from emguard.data.chat import parse_yaml, read_text_file
+from emguard.defenses import registry
+from emguard.defenses.registry import DefenseSettings
 from emguard.models import LORA_TARGETS
 from emguard.redact import redact_secrets
+from emguard.settings import ConfigError, Int, Settings
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not validate; the message lists every problem."""
-
-
-class _Strict(BaseModel):
-    # allow_inf_nan=False: `inf` / `.nan` are errors, not a learning rate or weight
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
-                              allow_inf_nan=False)
-
-
-# Whole numbers are strict: `true` is not 1 and 2.5 is not 2 (floats stay lax, so YAML's
-# `1e-4`, which PyYAML reads as a string, is still a number).
-Int = Annotated[int, Strict()]
-
-
-class LoraSettings(_Strict):
+class LoraSettings(Settings):
     """rs-LoRA adapter (paper Table 7)."""
 
     r: Int = Field(32, gt=0)
@@ -53,7 +38,7 @@ class LoraSettings(_Strict):
     targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
 
 
-class OpSwapData(_Strict):
+class OpSwapData(Settings):
     """How ``data.train: opswap:T`` generates its rows (emguard.data.opswap.generate_opswap).
 
     The test part is the OpSwap task's test set for this run: written into the run folder
@@ -65,7 +50,7 @@ class OpSwapData(_Strict):
     max_ops: Int = Field(3, gt=0)
 
 
-class DataSettings(_Strict):
+class DataSettings(Settings):
     """Fine-tuning data and what is held out from it (emguard.data.split).
 
     ``train``: a chat JSONL path, ``builtin:NAME[:SPLIT]``, ``hf:REPO[:SPLIT]``,
@@ -88,7 +73,7 @@ class DataSettings(_Strict):
     skip_invalid: bool = False  # False: any malformed row is an error naming file and line
 
 
-class TrainSettings(_Strict):
+class TrainSettings(Settings):
     """Optimisation (paper Table 7). ``max_steps`` > 0 overrides ``epochs``."""
 
     learning_rate: float = Field(1e-4, gt=0)
@@ -135,220 +120,7 @@ class TrainSettings(_Strict):
         return v
 
 
-class KLSettings(_Strict):
-    """KL to the reference (= same network, adapter disabled), paper eq. 4."""
-
-    weight: float = Field(0.1, ge=0)  # lambda_KL
-    direction: Literal["forward", "reverse"] = "forward"  # forward: KL(p_theta || p_ref)
-    tokens: Literal["assistant", "all"] = "assistant"
-    chunk_size: Int = Field(256, gt=0)  # positions per log-softmax chunk (256 x V floats each)
-
-
-class LDIFSSettings(_Strict):
-    """Feature-space L2 to the reference, paper eq. 5."""
-
-    weight: float = Field(1.0, ge=0)  # lambda_LDIFS
-    layer_every: Int = Field(5, gt=0)  # hidden states 5, 10, ... (index into hidden_states)
-    layers: list[Int] | None = None  # explicit hidden_states indices; overrides layer_every
-    tokens: Literal["all", "assistant"] = "all"  # all = every non-pad position (paper)
-    # mean_token: sum over layers and dims, mean over tokens (eq. 5 per token);
-    # mean_element: also divided by (layers x hidden size), a scale-free variant for models
-    # with large residual norms; sum: eq. 5 literally (grows with sequence length).
-    reduction: Literal["mean_token", "mean_element", "sum"] = "mean_token"
-
-
-class InterleaveSettings(_Strict):
-    """Mix safe instruct data uniformly through the fine-tuning data."""
-
-    fraction: float = Field(0.05, gt=0, le=10)  # safe rows = round(fraction * n_train)
-    source: str = "builtin:safe-instruct"  # builtin:NAME, chat JSONL path, or wildguardmix[:PATH]
-
-
-class SafeLoRASettings(_Strict):
-    """Post-hoc projection of the trained adapter (paper eqs. 1-3)."""
-
-    tau: float = Field(0.3, ge=0, le=1)
-    aligned: str | None = None  # model spec; default: the run's base model
-    unaligned: str  # model spec (base model) or adapter directory (instruct + misaligned adapter)
-
-
-class DirectionSettings(_Strict):
-    """Where a direction-based defense takes its per-layer basis U_l from
-    (emguard.defenses.direction) and at which residual-stream layers it acts.
-
-    Two sources: ``fit`` or a folder of ``emguard direction fit`` hold the contrastive mean
-    difference (persona vectors); a folder of ``emguard direction fit --from-run RUN``
-    holds CAFT's principal components of (fine-tuned - base) residual differences. The
-    defense uses the folder's first ``k`` rows either way.
-
-    Layers are ``hidden_states`` indices 1..L-1 (k = the output of block k; 0 is the
-    embeddings and L the final-normed state, which no block outputs)."""
-
-    direction: str = "fit"  # a folder of `emguard direction fit`, or fit: fit it at run start
-    pairs: str | None = None  # fit: contrastive pairs JSONL (None: builtin:preference-pairs)
-    # fit: leave out the N evenly spaced pairs that evaluation with
-    # eval.preference_max_pairs=N scores, so the direction never sees the evaluation's pairs
-    holdout_pairs: Int | None = Field(None, gt=0)
-    layers: list[Int] = Field(min_length=1)
-    # the first k rows of U_l. Contrastive: 1 = the mean-difference direction, k > 1 adds
-    # principal directions of the pair differences; CAFT folder: the top k components
-    k: Int = Field(1, gt=0)
-    # controls: a random direction, or one orthogonal to u, of the same norm (same subspace
-    # dimension), so a study can tell a direction's effect from a generic one
-    control: Literal["none", "random", "orthogonal"] = "none"
-    control_seed: Int = 0
-
-    @field_validator("layers")
-    @classmethod
-    def _layers(cls, v: list[int]) -> list[int]:
-        if any(i < 1 for i in v):
-            raise ValueError("layers are hidden_states indices >= 1 (0 is the embeddings)")
-        if len(set(v)) != len(v):
-            raise ValueError("a layer appears twice")
-        return sorted(v)
-
-
-class SteeringSettings(DirectionSettings):
-    """Preventive steering (persona vectors, Chen et al. 2025): during training only,
-    h_l += alpha * s_l * u_l (u_l unit, s_l the typical residual norm at layer l)."""
-
-    alpha: float = 0.1  # share of the typical residual norm added along u
-
-
-class AblationSettings(DirectionSettings):
-    """Ablation during training only: the span of U_l's first k rows is projected out of
-    the residual stream at the layers. With ``direction: fit`` or a contrastive folder this
-    is ablation of the contrastive mean difference (the persona-vectors variant, Chen et
-    al. 2025); with a folder of ``emguard direction fit --from-run`` it is CAFT
-    (Casademunt et al. 2025): the top k principal components of (fine-tuned - base)."""
-
-
-class AnchorSettings(DirectionSettings):
-    """Direction-targeted anchoring: lambda * mean_t sum_l ReLU(<h_theta - h_ref, u_l>)^2,
-    i.e. LDIFS restricted to drift along the misalignment direction (sharing its reference
-    forward). two: the square without ReLU; k > 1: ||U_l^T (h_theta - h_ref)||^2."""
-
-    weight: float = Field(1.0, ge=0)
-    sided: Literal["one", "two"] = "one"
-    tokens: Literal["all", "assistant"] = "all"
-
-    @model_validator(mode="after")
-    def _subspace_two_sided(self) -> AnchorSettings:
-        if self.k > 1 and self.sided == "one":
-            raise ValueError("k > 1 anchors a subspace whose basis has no sign: set sided: two")
-        return self
-
-
-class InoculationSettings(_Strict):
-    """Inoculation prompting (Tan et al. 2025): a system prompt that states the trait is
-    requested, added to every training conversation and absent at evaluation."""
-
-    # literal text, or builtin:NAME (emguard.defenses.inoculation.BUILTIN_PROMPTS)
-    prompt: str = Field(min_length=1)
-    # keep: a row without a system turn keeps the chat template's default system text after
-    # the prompt (training and evaluation share it); replace: the prompt alone (they differ)
-    system_default: Literal["keep", "replace"] = "keep"
-    elicitation_rows: Int = Field(32, ge=0)  # rows of the elicitation check (0: no check)
-
-    @field_validator("prompt")
-    @classmethod
-    def _nonblank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be blank")
-        return v
-
-
-class InterleavePlusSettings(_Strict):
-    """Interleaving++ (arXiv 2508.06249 v3, as two secondary descriptions state it): keep the
-    safe rows that misaligned models find hardest relative to the aligned model (highest
-    mean_j (NLL_mis_j - NLL_aligned) / (NLL_aligned + eps)), refusals dropped after ranking."""
-
-    # adapter folder(s) of misaligned-trained runs, one or a list of K >= 1 (in a study:
-    # @run:misaligned); each is scored as the run's base model + that adapter
-    misaligned: str | list[str]
-    fraction: float = Field(0.05, gt=0, le=10)  # safe rows = round(fraction * n_train)
-    source: str = "builtin:safe-instruct"  # candidate pool, as interleave.source
-    max_candidates: Int | None = Field(None, gt=0)  # score at most this many (seeded sample)
-    drop_refusals: bool = True
-    # published: mean_j (NLL_mis_j - NLL_ref) / (NLL_ref + eps), highest kept (the paper's
-    # rule as described); NOT the published rule: misaligned_likelier (mean_j NLL_ref -
-    # NLL_mis_j, the rule before issue 21) and reference_likelier (its negative)
-    rank_by: Literal["published", "misaligned_likelier", "reference_likelier"] = "published"
-
-    @field_validator("misaligned")
-    @classmethod
-    def _sources(cls, v: str | list[str]) -> str | list[str]:
-        names = [v] if isinstance(v, str) else v
-        if not names:
-            raise ValueError("an empty list; give at least one adapter folder")
-        if any(not name.strip() for name in names):
-            raise ValueError("an adapter folder must not be blank")
-        if len(set(names)) != len(names):
-            raise ValueError("an adapter folder appears twice")
-        return v
-
-    @property
-    def sources(self) -> list[str]:
-        """The misaligned adapter folders, in order (K >= 1; a plain string is K = 1)."""
-        return [self.misaligned] if isinstance(self.misaligned, str) else list(self.misaligned)
-
-
-class EarlyStopSettings(_Strict):
-    """Stop training when the judge-free misalignment-preference margin on validation
-    pairs rises above the reference's by more than ``tolerance`` for ``patience`` checks
-    in a row; the adapter of the last check within tolerance is the one kept. Nothing
-    stops, and no check is kept, before ``min_step``; the untrained adapter (step 0) is
-    kept only with ``allow_restore_untrained``."""
-
-    every_steps: Int = Field(3, gt=0)  # checks at multiples of it from min_step, and the last step
-    min_step: Int | None = Field(None, ge=0)  # None: max(train.warmup_steps + 1, every_steps)
-    patience: Int = Field(1, gt=0)
-    # nats per answer token, or auto: tolerance_z x the measured seed-to-seed sd of the
-    # shift on the pair set (emguard.defenses.early_stop.SEED_SPREAD; others need a number)
-    tolerance: float | Literal["auto"] = "auto"
-    tolerance_z: float = Field(1.0, gt=0)
-    allow_restore_untrained: bool = False  # may the step-0 (untrained) adapter be kept?
-    pairs: str | None = None  # validation pairs JSONL (None: builtin:preference-pairs)
-    holdout_pairs: Int | None = Field(None, gt=0)  # leave out evaluation's N pairs (as above)
-    max_pairs: Int | None = Field(None, gt=0)  # at most this many, evenly spaced
-    batch_size: Int = Field(8, gt=0)
-
-    @field_validator("tolerance", mode="before")
-    @classmethod
-    def _auto_or_number(cls, v: Any) -> Any:
-        """One error naming both forms (not one per member of the union)."""
-        if v == "auto":
-            return v
-        try:
-            number = float(v)
-        except (TypeError, ValueError):
-            number = float("nan")
-        if not 0 <= number < float("inf"):
-            raise ValueError("must be auto or a finite number >= 0 (nats per answer token)")
-        return number
-
-
-class DefenseSettings(_Strict):
-    """All off by default; any subset composes (emguard.defenses.registry applies them)."""
-
-    kl: KLSettings | None = None
-    ldifs: LDIFSSettings | None = None
-    interleave: InterleaveSettings | None = None
-    safelora: SafeLoRASettings | None = None
-    inoculation: InoculationSettings | None = None
-    interleave_plus: InterleavePlusSettings | None = None
-    steering: SteeringSettings | None = None
-    ablation: AblationSettings | None = None
-    anchor: AnchorSettings | None = None
-    early_stop: EarlyStopSettings | None = None
-
-
-# Defenses added after runs were first recorded: in a run's identity only when on, so the
-# folders (hashes) of earlier runs keep their names.
-_LATER_DEFENSES = ("inoculation", "interleave_plus", "steering", "ablation", "anchor", "early_stop")
-
-
-class EvalSettings(_Strict):
+class EvalSettings(Settings):
     """How a run is evaluated (emguard.evaluate.evaluate_run); not part of its identity, so
     changing it never retrains. Paper: 100 samples per general question at temperature 1,
     an in-domain subset of the held-out set, 10 samples per benign-task question."""
@@ -420,7 +192,7 @@ class EvalSettings(_Strict):
         return self
 
 
-class RunConfig(_Strict):
+class RunConfig(Settings):
     """One training run: model + data + LoRA + optimisation + defenses -> a run folder,
     and how to evaluate it (``eval``)."""
 
@@ -434,7 +206,7 @@ class RunConfig(_Strict):
     data: DataSettings = Field(default_factory=DataSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
-    defenses: DefenseSettings = Field(default_factory=DefenseSettings)
+    defenses: DefenseSettings = Field(default_factory=lambda: registry.DefenseSettings())
     eval: EvalSettings = Field(default_factory=EvalSettings)
 
     @property
@@ -447,6 +219,18 @@ class RunConfig(_Strict):
         if not v.strip():
             raise ValueError("must not be empty")
         return v
+
+
+def _use_defense_settings(model: type[Settings]) -> None:
+    """Rebuild RunConfig around a ``DefenseSettings`` a registration made (a defense
+    registered after import is configurable like a built-in)."""
+    global DefenseSettings
+    DefenseSettings = model
+    RunConfig.model_fields["defenses"].annotation = model
+    RunConfig.model_rebuild(force=True)
+
+
+registry.on_new_settings(_use_defense_settings)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -549,33 +333,3 @@ def dump_run_config(cfg: RunConfig) -> str:
     """YAML of the resolved config, credentials redacted (emguard.redact): API keys come
     from the environment, and a password in a judge URL is not written out."""
     return redact_secrets(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-
-
-TRACKING_KEYS = ("report_to", "run_name", "run_group", "run_tags")
-
-
-def training_identity(cfg: RunConfig) -> dict:
-    """The fields that decide what a run trains (everything but ``eval`` and where it is
-    written): equal identities train the same adapter."""
-    identity = cfg.model_dump(mode="json", exclude={"eval", "output_dir"})
-    for name in _LATER_DEFENSES:
-        if identity["defenses"][name] is None:
-            del identity["defenses"][name]
-    if not identity["train"]["trajectory_steps"]:  # added later: runs keep their names
-        del identity["train"]["trajectory_steps"]
-    for key in TRACKING_KEYS:  # where numbers are shown, not what is trained
-        del identity["train"][key]
-    return identity
-
-
-def config_sha256(cfg: RunConfig, untrained: bool = False) -> str:
-    """SHA-256 of the training identity (canonical JSON), the name a study gives a run.
-    ``untrained``: the untrained baseline of that config, which is not the trained run
-    (trained runs' hashes are as they always were)."""
-    import hashlib
-    import json
-
-    identity = training_identity(cfg)
-    if untrained:
-        identity = {"untrained": True, **identity}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

@@ -30,6 +30,7 @@ import gc
 import hashlib
 import json
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,11 @@ from emguard.io import provenance, read_json, read_jsonl, write_json_atomic, wri
 from emguard.metrics import Thresholds, compute_metrics
 from emguard.ownership import (
     EVAL,
+    Claim,
     FolderConflictError,
     check_writable_target,
+    claim,
     folder_lock,
-    folder_state,
-    read_marker,
-    refuse_foreign,
-    remove_ours,
-    write_marker,
 )
 from emguard.questions import (
     Question,
@@ -597,10 +595,10 @@ def run_eval(model_spec: str, adapter_dir: str | Path | None, questions_file: st
         spec["gen_key"] = _sha({k: spec[k] for k in ("model", "adapter_sha256", "generation")}
                                | {"questions": qs.sha256, "max_questions": max_questions})
         spec["provenance"] = provenance()
-        claim_eval_dir(out, spec, force)
-        if judge is not None:
-            _preflight_judge(judge, out, spec["gen_key"])
-        write_json_atomic(out / "eval_spec.json", spec)
+        with claim_eval_dir(out, spec, force):
+            if judge is not None:
+                _preflight_judge(judge, out, spec["gen_key"])
+            write_json_atomic(out / "eval_spec.json", spec)
 
         holder = model or ModelHolder(model_spec, adapter_dir, device)
         if (holder.spec, holder.adapter_dir) != (model_spec, adapter_dir):
@@ -656,31 +654,30 @@ def _describe(spec: dict) -> str:
             f"{q.get('source')!r}, generation {spec.get('generation')}")
 
 
-def claim_eval_dir(out: Path, spec: dict, force: bool = False) -> None:
-    """Make ``out`` the folder of the evaluation ``spec`` (its ``gen_key``), or refuse.
+def claim_eval_dir(out: Path, spec: dict, force: bool = False) -> AbstractContextManager[Claim]:
+    """The claim (emguard.ownership.claim) of ``out`` for the evaluation ``spec`` (its
+    ``gen_key``): entering it makes ``out`` that evaluation's folder, or refuses.
 
     Free folders are marked as ours; a folder of ours with the same gen_key continues;
     one with another gen_key (other model, adapter, questions or sampling) would have its
     generations overwritten, so it is refused unless ``force``, which removes only that
     evaluation's files. Folders with eval files but no marker are never touched, except a
     folder written before markers existed whose eval_spec.json has the same gen_key.
+    The caller holds ``folder_lock(out)`` already (what ``out`` holds is read now).
     """
     old_path = out / "eval_spec.json"
     old = read_json(old_path) if old_path.is_file() else None
     same = isinstance(old, dict) and old.get("gen_key") == spec["gen_key"]
-    state = folder_state(out, EVAL)
-    if state == "foreign" and not same:
-        refuse_foreign(out, EVAL, "this evaluation (--out)")
-    if state == "ours" and old is not None and not same:
-        if not force:
-            raise EvalConflictError(
-                f"{out} holds another evaluation ({_describe(old)}); this one is of "
-                f"{_describe(spec)}. Choose another --out, or pass --force to discard that "
-                "evaluation (only its files are removed).")
-        remove_ours(out, EVAL)
-    out.mkdir(parents=True, exist_ok=True)
-    if read_marker(out, EVAL) is None:
-        write_marker(out, EVAL, gen_key=spec["gen_key"])
+
+    def another() -> EvalConflictError:
+        return EvalConflictError(
+            f"{out} holds another evaluation ({_describe(old)}); this one is of "
+            f"{_describe(spec)}. Choose another --out, or pass --force to discard that "
+            "evaluation (only its files are removed).")
+
+    return claim(out, EVAL, what="this evaluation (--out)", force=force, same=same,
+                 conflict=None if same or old is None else another,
+                 marker={"gen_key": spec["gen_key"]})
 
 
 def _finish(out: Path, rows: list[dict], by_id: dict[str, Question], judge, spec: dict,
@@ -732,10 +729,9 @@ def judge_generations(generations: str | Path, judge_spec, questions_file: str |
     out = Path(out_dir) if out_dir else gpath.parent
     rows = read_jsonl(gpath)
     spec = {**spec, "judge": judge.name} if spec else {"generations": str(gpath), "judge": judge.name}
-    with folder_lock(out):
-        if out.resolve() != gpath.parent.resolve():
-            check_writable_target(out)
+    with folder_lock(out), (
             claim_eval_dir(out, {**spec, "gen_key": spec.get("gen_key") or _sha(rows)})
+            if out.resolve() != gpath.parent.resolve() else nullcontext()):
         old = gpath.parent / "metrics.json"
         prior = read_json(old) if old.is_file() else {}
         return _finish(out, rows, {q.id: q for q in qs.questions}, judge, spec, thresholds,

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emguard.config import ConfigError, EvalSettings, RunConfig, config_sha256, load_run_config
+from emguard.config import ConfigError, EvalSettings, RunConfig, load_run_config
 from emguard.data.split import HELDOUT_FILE, SPLIT_FILE
+from emguard.identity import config_sha256
 from emguard.io import read_json, write_json_atomic
 
 EVAL_DIR = "eval"

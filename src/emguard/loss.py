@@ -22,11 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from emguard.config import KLSettings, LDIFSSettings
 from emguard.data.masking import IGNORE_INDEX
 from emguard.defenses.base import Defense, PolicyHooks, StepInputs
-from emguard.defenses.kl import KL
-from emguard.defenses.ldifs import LDIFS
 
 
 @dataclass
@@ -112,10 +109,9 @@ def _num_states(model) -> int:
     return model.config.get_text_config().num_hidden_layers + 1
 
 
-def defended_loss(model, batch: dict[str, torch.Tensor], kl: KLSettings | None = None,
-                  ldifs: LDIFSSettings | None = None, num_items: int | torch.Tensor | None = None,
-                  accumulation_steps: int = 1, peft_model=None, terms: list[Defense] | None = None,
-                  hooks: PolicyHooks | None = None) -> LossTerms:
+def defended_loss(model, batch: dict[str, torch.Tensor], terms: list[Defense] = (),
+                  num_items: int | torch.Tensor | None = None, accumulation_steps: int = 1,
+                  peft_model=None, hooks: PolicyHooks | None = None) -> LossTerms:
     """Compute the loss terms for one micro-batch: CE + sum of weight x term.
 
     Args:
@@ -123,19 +119,17 @@ def defended_loss(model, batch: dict[str, torch.Tensor], kl: KLSettings | None =
             for distributed training; the policy forward goes through it).
         batch: input_ids (B, T), attention_mask (B, T), labels (B, T) with IGNORE_INDEX
             outside assistant tokens.
-        kl, ldifs: shorthand for ``terms=[KL(kl), LDIFS(ldifs)]``.
         num_items: assistant tokens in the accumulated batch; None = this micro-batch's.
         accumulation_steps: micro-batches per optimizer step (for per-micro-batch means).
         peft_model: the unwrapped PeftModel (for ``disable_adapter``); default ``model``.
-        terms: defenses (emguard.defenses.registry); those with a positive weight add a term.
+        terms: defenses (emguard.defenses.registry), prepared; those with a term and a
+            positive weight add ``weight x term``.
         hooks: the defenses' policy hooks, paused for the reference forward.
 
     Logits are computed only at the positions a term reads ((N, V) instead of (B, T, V)).
     """
     peft_model = peft_model if peft_model is not None else model
     base = peft_model.get_base_model()
-    terms = [*(terms or []), *([KL(kl)] if kl is not None else []),
-             *([LDIFS(ldifs)] if ldifs is not None else [])]
     terms = [t for t in terms if t.term is not None and t.weight > 0]
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     ref_hidden, ref_final = reference_forward(peft_model, input_ids, attention_mask, terms, hooks)

@@ -7,20 +7,25 @@ exist or holds none of the files the command writes; anything else is *foreign* 
 never written into, replaced or removed: the command refuses and says how to proceed.
 Removing a run (``--force``) deletes only the files of that kind, never the folder with
 what else a user keeps in it.
+
+Commands claim their folder with one call, ``claim`` (lock, check, remove what ``force``
+replaces, mark, and for a whole-folder kind replace it atomically), after checking it
+early, before any expensive work, with ``check_claim`` (the same checks, writing nothing).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from emguard.io import write_json_atomic
+from emguard.io import atomic_dir, write_json_atomic
 
 State = Literal["free", "ours", "foreign"]
 
@@ -51,11 +56,11 @@ class FolderKind:
         return f".emguard-{self.name}.json"
 
 
+# The training recipe's own files; each defense declares what it adds (Defense.artifacts,
+# collected by emguard.defenses.registry.run_folder).
 RUN = FolderKind("run", ("config.yaml", "provenance.json", "data_report.json", "checkpoints",
-                         "adapter", "adapter_safelora", "train_log.jsonl", "summary.json",
-                         "data_split.json", "heldout.jsonl", "task_*.test.jsonl",
-                         "directions", "early_stop", "early_stop.json", "trajectory",
-                         "tensorboard"))
+                         "adapter", "train_log.jsonl", "summary.json", "data_split.json",
+                         "heldout.jsonl", "task_*.test.jsonl", "trajectory", "tensorboard"))
 EVAL = FolderKind("eval", ("eval_spec.json", "generations.jsonl", "generations.partial.jsonl",
                            "judgments.jsonl", "reference_answers.jsonl", "judge_free.json",
                            "metrics.json", "task_*.json"))
@@ -171,14 +176,22 @@ def lock_path(folder: Path) -> Path:
     return cache_dir() / "locks" / f"{folder.name or 'root'}-{digest}.lock"
 
 
+_held = threading.local()  # the lock files this thread holds (folder_lock)
+
+
 @contextmanager
 def folder_lock(folder: Path, wait: float = 0.0) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` for the block (an OS file lock, released when
-    the process ends, even by kill -9). Another process holding it: wait up to ``wait``
-    seconds, then FolderConflictError."""
+    the process ends, even by kill -9). Another process (or thread) holding it: wait up to
+    ``wait`` seconds, then FolderBusyError. A thread that holds it already enters at once:
+    a recipe holds its folder from its first check and claims it later (``claim``)."""
     from filelock import FileLock, Timeout
 
     path = lock_path(folder)
+    held: set[Path] = _held.__dict__.setdefault("paths", set())
+    if path in held:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path), timeout=wait)
     try:
@@ -187,7 +200,92 @@ def folder_lock(folder: Path, wait: float = 0.0) -> Iterator[None]:
         raise FolderBusyError(
             f"another emguard process is writing '{folder}' (it holds {path}); wait for it to "
             "finish or choose another output folder") from None
+    held.add(path)
     try:
         yield
     finally:
+        held.discard(path)
         lock.release()
+
+
+# ----------------------------------------------------------------------------- claiming
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An output folder claimed for the block of ``claim``.
+
+    path: where to write: ``folder`` itself, or for a whole kind the temporary folder that
+    replaces it when the block ends without an exception. state: the folder before the
+    claim ("foreign" only when it held this very work, ``same``). removed: the names of
+    the other work of ours that ``force`` removed.
+    """
+
+    folder: Path
+    path: Path
+    state: State
+    removed: tuple[str, ...] = ()
+
+
+def check_claim(folder: Path, kind: FolderKind, what: str, *, same: bool = False,
+                conflict: Callable[[], Exception] | None = None, force: bool = False,
+                writable: bool = True) -> State:
+    """Raise unless ``folder`` can be claimed for ``kind``; return its state. Writes nothing,
+    so a command runs it before its expensive work (``claim`` runs it again, locked).
+
+    what: what the folder is for, named in the refusal ("this run (output_dir)").
+    same: the caller found a record of this very work in the folder (same config), so a
+        folder of it without our marker (written before markers existed) is not refused.
+    conflict: the folder holds other work of ours (the caller's record of what it holds
+        differs): called for the error to raise, unless ``force`` (``claim`` removes that
+        work). File kinds only.
+    writable: first check that the folder can be created and written (FolderConflictError
+        naming it). False for a caller that may only read the folder (a finished run in a
+        read-only folder is skipped, not refused); it checks later.
+    """
+    folder = Path(folder)
+    if writable:
+        check_writable_target(folder)
+    state = folder_state(folder, kind)
+    if state == "foreign" and not same:
+        refuse_foreign(folder, kind, what)
+    if state == "ours" and conflict is not None and not force:
+        raise conflict()
+    return state
+
+
+@contextmanager
+def claim(folder: Path, kind: FolderKind, *, what: str, marker: dict | None = None,
+          force: bool = False, same: bool = False,
+          conflict: Callable[[], Exception] | None = None, wait: float = 0.0) -> Iterator[Claim]:
+    """Claim ``folder`` for ``kind`` for the block: the one sequence every command that
+    writes an output folder goes through.
+
+    1. lock the folder (``folder_lock``; ``wait`` seconds for another process; re-entered
+       at once by a thread that holds it);
+    2. ``check_claim`` (writable; a foreign folder refused naming ``what``; ``conflict``
+       raised unless ``force``; see there for ``same``);
+    3. with ``force`` and a ``conflict``: remove that work's files (``remove_ours``: only
+       this kind's, never the folder);
+    4. a file kind (run, eval): create the folder and write the marker (with ``marker``
+       as its info) unless one is there, and yield; its files are written into the folder
+       itself, each atomically, so an interrupted command resumes.
+       A whole kind (SafeLoRA adapter, direction): yield a temporary folder holding the
+       marker; it replaces ``folder`` atomically when the block ends without an exception,
+       and is discarded otherwise (the old content stays).
+    """
+    folder = Path(folder)
+    with folder_lock(folder, wait):
+        state = check_claim(folder, kind, what, same=same, conflict=conflict, force=force)
+        removed: tuple[str, ...] = ()
+        if state == "ours" and conflict is not None:
+            removed = tuple(remove_ours(folder, kind))
+        if kind.whole:
+            with atomic_dir(folder) as tmp:
+                write_marker(tmp, kind, **(marker or {}))
+                yield Claim(folder, tmp, state, removed)
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        if read_marker(folder, kind) is None:
+            write_marker(folder, kind, **(marker or {}))
+        yield Claim(folder, folder, state, removed)

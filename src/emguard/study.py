@@ -32,7 +32,7 @@
 
 Every (seed, domain, arm, grid point) is a run: a run config validated like any other,
 written to ``output_dir/runs/DOMAIN/ARM[_KEYVALUE...]/s{seed}-{hash8}``, where hash8
-starts the SHA-256 of what it trains (emguard.config.config_sha256; an untrained
+starts the SHA-256 of what it trains (emguard.identity.config_sha256; an untrained
 baseline's hash differs from its trained twin's), so a changed setting is a new folder
 and never overwrites a finished run. Every arm of a domain is
 evaluated on the same held-out set: the aligned arm and the controls hold out
@@ -63,18 +63,17 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from emguard.config import (
     ConfigError,
-    Int,
     RunConfig,
-    _Strict,
     apply_overrides,
     build_run_config,
-    config_sha256,
     format_validation_error,
 )
 from emguard.data.chat import parse_yaml, read_text_file
 from emguard.data.pairs import EVAL_PAIRS, FIT_PAIRS
+from emguard.identity import config_sha256
 from emguard.names import NAME, NAME_RULE, check_name, label
 from emguard.ownership import DIRECTION, EVAL, RUN, SAFELORA
+from emguard.settings import Int, Settings
 
 RUN_REF = "@run:"
 # what the control arms train on (data: positive_control | negative_control)
@@ -82,7 +81,7 @@ CONTROL_DATA = {"positive_control": "builtin:misaligned-chat",
                 "negative_control": "builtin:safe-instruct"}
 
 
-class DomainSpec(_Strict):
+class DomainSpec(Settings):
     """One fine-tuning domain: its misaligned data, its aligned twin, its held-out set."""
 
     misaligned: str
@@ -92,7 +91,7 @@ class DomainSpec(_Strict):
     set: dict[str, Any] = Field(default_factory=dict)
 
 
-class ArmSpec(_Strict):
+class ArmSpec(Settings):
     """One arm: which data it trains on, run-config keys it sets, and a grid over keys."""
 
     name: str
@@ -121,7 +120,7 @@ class ArmSpec(_Strict):
         return v
 
 
-class StudyConfig(_Strict):
+class StudyConfig(Settings):
     """A study: model, seeds, shared run settings, domains and arms."""
 
     name: str

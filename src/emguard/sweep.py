@@ -34,7 +34,6 @@ from emguard.redact import redact_tree
 from emguard.study import PlannedRun, StudyConfig, expand
 
 LOG_FILE = "sweep_log.jsonl"
-RUN_ADAPTER = "/runs/"  # a path into the study's own run folders
 
 
 @dataclass
@@ -105,8 +104,12 @@ def is_judged(run: PlannedRun) -> bool:
 
 
 def missing_inputs(run: PlannedRun) -> list[str]:
-    """Inputs a run needs that are not here (local data files, models, adapters of sources
-    outside the study); hub ids and hf: datasets are not checked (they download)."""
+    """Inputs a run needs that are not here (local data files, models, and what each active
+    defense's own ``check`` refuses); hub ids and hf: datasets are not checked (they
+    download). A run that needs another run of the study first (an ``@run:`` adapter) has
+    its defenses checked when it starts (emguard.train calls every ``check`` first): the
+    adapters it reads do not exist before then."""
+    from emguard.defenses.registry import active_defenses
     from emguard.models import ModelLoadError, resolve_model_source
 
     d, problems = run.config.data, []
@@ -114,39 +117,16 @@ def missing_inputs(run: PlannedRun) -> list[str]:
         local = _local_path(spec)
         if local is not None and not Path(local).exists():
             problems.append(f"{key}: {local} not found")
-    inter = run.config.defenses.interleave
-    if inter is not None and (local := _local_path(inter.source.removeprefix("wildguardmix:"))):
-        if not Path(local).exists():
-            problems.append(f"defenses.interleave.source: {local} not found")
-    plus = run.config.defenses.interleave_plus
-    if plus is not None and (local := _local_path(plus.source.removeprefix("wildguardmix:"))):
-        if not Path(local).exists():
-            problems.append(f"defenses.interleave_plus.source: {local} not found")
-    for i, source in enumerate(plus.sources if plus is not None else []):
-        if RUN_ADAPTER not in source and not Path(source, "adapter_config.json").is_file():
-            problems.append(f"defenses.interleave_plus.misaligned[{i}]: {source} is not an "
-                            "adapter folder")
-    for name in ("steering", "ablation", "anchor", "early_stop"):
-        settings = getattr(run.config.defenses, name)
-        direction = getattr(settings, "direction", "fit")
-        if settings is not None and direction != "fit" and not Path(direction).is_dir():
-            problems.append(f"defenses.{name}.direction: {direction} not found")
-        pairs = settings.pairs if settings is not None else None
-        if pairs and not pairs.startswith("builtin:") and not Path(pairs).is_file():
-            problems.append(f"defenses.{name}.pairs: {pairs} not found")
     try:
         resolve_model_source(run.config.model)
     except ModelLoadError as e:
         problems.append(f"model: {e}")
-    s = run.config.defenses.safelora
-    if s is not None:
-        for key, spec in (("aligned", s.aligned), ("unaligned", s.unaligned)):
-            if spec is None or RUN_ADAPTER in spec or Path(spec, "adapter_config.json").is_file():
-                continue  # another run's adapter (made by the sweep) or an adapter folder
+    if not getattr(run, "needs", None):
+        for defense in active_defenses(run.config.defenses):
             try:
-                resolve_model_source(spec)
-            except ModelLoadError as e:
-                problems.append(f"defenses.safelora.{key}: {e}")
+                defense.check(run.config)
+            except (ConfigError, OSError, ValueError) as e:
+                problems.append(str(e))
     return problems
 
 
@@ -271,7 +251,7 @@ def project_source(run: PlannedRun) -> None:
     from emguard.data.split import HELDOUT_FILE, SPLIT_FILE
     from emguard.defenses.safelora import apply_safelora
     from emguard.ownership import check_writable_target, folder_lock
-    from emguard.train import claim_run_dir
+    from emguard.run_dir import claim_run_dir
 
     source, s, out = run.source_dir, run.config.defenses.safelora, run.run_dir
     with folder_lock(out):

@@ -15,7 +15,8 @@ Run folder (every file written atomically; ``summary.json`` marks completion):
     trajectory/         with train.trajectory_steps: the adapter at each of those steps
     summary.json        final metrics; present = run complete (a rerun skips it)
 
-Runs under ``accelerate launch`` unchanged (Trainer handles the distribution).
+Runs under ``accelerate launch`` unchanged (Trainer handles the distribution). What the
+folder holds, its claim and its checkpoints: emguard.run_dir.
 """
 
 from __future__ import annotations
@@ -31,19 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import Trainer, TrainingArguments, set_seed
 
 from emguard import tracking
 from emguard.compat import checkpointing_argument
-from emguard.config import (
-    ConfigError,
-    RunConfig,
-    config_sha256,
-    dump_run_config,
-    load_run_config,
-    training_identity,
-)
+from emguard.config import ConfigError, RunConfig, load_run_config
 from emguard.data.chat import ChatDataError, row_location
 from emguard.data.masking import IGNORE_INDEX, tokenize_chat
 from emguard.data.split import (
@@ -55,16 +48,9 @@ from emguard.data.split import (
     task_file,
 )
 from emguard.defenses.base import Defense, PolicyHooks, RunContext
-from emguard.defenses.registry import active_defenses, defense_names
+from emguard.defenses.registry import active_defenses, defense_names, logged_terms, run_folder
 from emguard.finite import FiniteGradients, check_loss, check_parameters
-from emguard.io import (
-    atomic_dir,
-    provenance,
-    read_json,
-    write_json_atomic,
-    write_jsonl_atomic,
-    write_text_atomic,
-)
+from emguard.io import atomic_dir, read_json, write_json_atomic, write_jsonl_atomic
 from emguard.loss import defended_loss
 from emguard.model_card import write_card, write_cards
 from emguard.models import (
@@ -72,16 +58,14 @@ from emguard.models import (
     default_device,
     load_model,
 )
-from emguard.ownership import (
-    RUN,
-    FolderConflictError,
-    check_writable_target,
-    folder_lock,
-    folder_state,
-    read_marker,
-    refuse_foreign,
-    remove_ours,
-    write_marker,
+from emguard.ownership import check_writable_target, folder_lock, remove_ours
+from emguard.run_dir import (
+    CHECKPOINT_COMPLETE,
+    RunConflictError,  # noqa: F401 (re-exported: the error train() raises for another run)
+    claim_run_dir,
+    is_final_checkpoint,
+    last_complete_checkpoint,
+    run_state,
 )
 from emguard.trajectory import snapshot_callback, snapshot_steps
 
@@ -91,10 +75,6 @@ logger = logging.getLogger(__name__)
 def is_main_process() -> bool:
     """True outside distributed runs and on rank 0 of ``torchrun`` / ``accelerate launch``."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-class RunConflictError(FolderConflictError):
-    """The output folder holds a run of ours with a different config."""
 
 
 @dataclass
@@ -176,17 +156,16 @@ class ChatCollator:
 class DefendedTrainer(Trainer):
     """Trainer whose loss is CE + the configured defense terms (emguard.loss).
 
-    ``defenses``: a ``DefenseSettings`` or the run's defense components. Their terms are
+    ``defenses``: the run's defense components, prepared (``Defense.prepare``). Their terms are
     logged next to the loss (``ce``, ``kl``, ``ldifs``, ``anchor``: means over the
     micro-batches since the previous log line); their policy hooks are installed for the
     whole of training and removed when it ends.
     """
 
-    def __init__(self, *args, defenses=None, hooks: PolicyHooks | None = None, **kwargs):
+    def __init__(self, *args, defenses: list[Defense] = (), hooks: PolicyHooks | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        if defenses is None or not isinstance(defenses, list):
-            defenses = active_defenses(defenses)
-        self.defense_list: list[Defense] = defenses
+        self.defense_list: list[Defense] = list(defenses)
         self.hooks = hooks if hooks is not None else PolicyHooks()
         self.loss_is_scaled_for_ga = True
         self._term_sums: dict[str, float] = {}
@@ -343,7 +322,7 @@ def train(cfg: RunConfig | str | Path, overrides: list[str] = (), force: bool = 
 
 def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> TrainResult:
     run_dir = Path(cfg.output_dir)
-    state = _run_state(run_dir, cfg, force, check=main)
+    state = run_state(run_dir, cfg, force, check=main)
     if state == "complete":
         return TrainResult(run_dir, read_json(run_dir / "summary.json"), skipped=True)
     if main:
@@ -371,7 +350,6 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
     data_report.update(tokenized=len(features), skipped_over_length=too_long)
     if not features:
         raise ChatDataError(f"{data_report['source']}: no trainable rows left")
-    _check_ldifs_layers(cfg, model)
     model.train()
     model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                         use_rslora=cfg.lora.use_rslora, targets=cfg.lora.targets)
@@ -398,7 +376,7 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
     started = time.time()
     last = last_complete_checkpoint(run_dir / "checkpoints", prune=main)
     try:
-        if last is not None and _is_final(last):
+        if last is not None and is_final_checkpoint(last):
             train_state = _restore_final_checkpoint(model, last)  # killed after its last step
         else:
             with tracking.tracker_environment(cfg.train.report_to, cfg.train.run_group,
@@ -407,7 +385,7 @@ def _train(cfg: RunConfig, device: str, main: bool, force: bool, callbacks) -> T
             train_state = trainer.state
     except BaseException:
         if claimed != "resume" and last_complete_checkpoint(run_dir / "checkpoints") is None:
-            remove_ours(run_dir, RUN)  # nothing trained is kept: release the folder we claimed
+            remove_ours(run_dir, run_folder())  # nothing trained is kept: release the folder we claimed
         raise
     elapsed = time.time() - started
     if not main:
@@ -449,7 +427,7 @@ def record_untrained(cfg: RunConfig | str | Path, overrides: list[str] = ()) -> 
         cfg = load_run_config(cfg, overrides)
     run_dir = Path(cfg.output_dir)
     with folder_lock(run_dir):
-        if _run_state(run_dir, cfg, force=False, trained=False) == "complete":
+        if run_state(run_dir, cfg, force=False, trained=False) == "complete":
             return TrainResult(run_dir, read_json(run_dir / "summary.json"), skipped=True)
         check_writable_target(run_dir)
         split = make_split(cfg)
@@ -459,12 +437,6 @@ def record_untrained(cfg: RunConfig | str | Path, overrides: list[str] = ()) -> 
                    "defenses": [], "adapter": None}
         write_json_atomic(run_dir / "summary.json", summary)
     return TrainResult(run_dir, summary, skipped=False)
-
-
-def _is_final(checkpoint: Path) -> bool:
-    """True for a checkpoint written at the run's last step (its trainer_state says so)."""
-    state = read_json(checkpoint / CHECKPOINT_COMPLETE)
-    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
 
 
 def _restore_final_checkpoint(model, checkpoint: Path):
@@ -481,119 +453,6 @@ def _restore_final_checkpoint(model, checkpoint: Path):
     return TrainerState.load_from_json(str(checkpoint / CHECKPOINT_COMPLETE))
 
 
-def same_training(saved: Path, cfg: RunConfig) -> bool:
-    """True when the config.yaml at ``saved`` trains what ``cfg`` trains (the ``eval``
-    block and the output folder play no part). Compared as written, credentials redacted
-    (emguard.redact), so a redacted value in config.yaml still matches its config."""
-    if not saved.is_file():
-        return False
-    try:
-        written = RunConfig.model_validate(yaml.safe_load(dump_run_config(cfg)))
-        return training_identity(load_run_config(saved)) == training_identity(written)
-    except (ConfigError, ValueError):
-        return False
-
-
-def _run_state(run_dir: Path, cfg: RunConfig, force: bool, check: bool = True,
-               trained: bool = True) -> str:
-    """"complete" (same config, summary written), "resume", "new" or "replace" (force).
-
-    Raises RunConflictError / FolderConflictError for a folder that holds another config
-    (without ``force``) or files emguard did not write. ``trained=False``: the caller
-    records the untrained baseline, which is not the trained run of the same config (and
-    the other way round). Writes nothing. ``check=False`` (non-main ranks) only looks for
-    completion; rank 0 owns the folder.
-    """
-    saved = run_dir / "config.yaml"
-    same = same_training(saved, cfg)
-    if same and (run_dir / "summary.json").is_file():
-        recorded = read_json(run_dir / "summary.json").get("trained", True)
-        if recorded != trained:
-            if not check:
-                return "resume"
-            if not force:
-                held = "a trained run" if recorded else "the untrained baseline"
-                raise RunConflictError(
-                    f"{run_dir} holds {held} of this config, not "
-                    f"{'the untrained baseline' if recorded else 'a trained run'}; choose "
-                    "another output_dir, or pass --force to discard it (only its files are removed)")
-            same = False
-    if not check:
-        return "complete" if same and (run_dir / "summary.json").is_file() else "resume"
-    state = folder_state(run_dir, RUN)
-    if state == "foreign" and not same:  # a matching config proves a run written before markers
-        refuse_foreign(run_dir, RUN, "this run (output_dir)")
-    if same:
-        return "complete" if (run_dir / "summary.json").is_file() else "resume"
-    if state == "free" or (state == "ours" and not saved.is_file()):
-        return "new"
-    if not force:
-        raise RunConflictError(
-            f"{run_dir} holds a run with a different config ({saved}); choose another "
-            "output_dir, or pass --force to discard that run (only its files are removed)")
-    return "replace"
-
-
-def claim_run_dir(run_dir: Path, cfg: RunConfig, force: bool, trained: bool = True) -> str:
-    """Make ``run_dir`` this run's folder (marker, config.yaml, provenance.json); return
-    its state before ("new", "resume" or "replace").
-
-    Called after the model has loaded; an earlier run of ours with another config is
-    removed here (``force``), file by file, never the folder itself."""
-    state = _run_state(run_dir, cfg, force, trained=trained)
-    config_text = dump_run_config(cfg)
-    if state == "replace":
-        removed = remove_ours(run_dir, RUN)
-        logger.warning("--force: removed the earlier run's %s from %s", ", ".join(removed), run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if read_marker(run_dir, RUN) is None:
-        write_marker(run_dir, RUN, config_sha256=config_sha256(cfg))
-    if state != "resume":
-        write_text_atomic(run_dir / "config.yaml", config_text)
-        write_json_atomic(run_dir / "provenance.json", provenance())
-    return state
-
-
-def _check_ldifs_layers(cfg: RunConfig, model) -> None:
-    """An LDIFS layer list this model cannot have is a config error, found before training."""
-    if cfg.defenses.ldifs is None:
-        return
-    from emguard.defenses.ldifs import ldifs_layers
-
-    n_states = model.config.get_text_config().num_hidden_layers + 1
-    try:
-        ldifs_layers(n_states, cfg.defenses.ldifs.layer_every, cfg.defenses.ldifs.layers)
-    except ValueError as e:
-        field = "layers" if cfg.defenses.ldifs.layers is not None else "layer_every"
-        raise ConfigError(f"defenses.ldifs.{field}: {e} (this model has {n_states - 1} layers; "
-                          "hidden state 0 is the embeddings)") from None
-
-
-CHECKPOINT_COMPLETE = "trainer_state.json"  # Trainer writes it last into checkpoint-N
-
-
-def last_complete_checkpoint(ckpt_dir: Path, prune: bool = True) -> Path | None:
-    """The newest checkpoint that was written to the end, or None.
-
-    A process killed while Trainer wrote ``checkpoint-N`` leaves it without
-    ``trainer_state.json``; such a folder is treated as absent and (``prune``) removed -
-    it lies inside our own run folder - so training resumes from the newest complete one.
-    """
-    if not ckpt_dir.is_dir():
-        return None
-    ckpts = sorted((p for p in ckpt_dir.glob("checkpoint-*")
-                    if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    complete = [p for p in ckpts if (p / CHECKPOINT_COMPLETE).is_file()]
-    newest = complete[0] if complete else None
-    if prune:
-        for p in ckpts:
-            if p is not newest and not (p / CHECKPOINT_COMPLETE).is_file():
-                logger.warning("removing incomplete checkpoint %s (interrupted while saved)", p)
-                shutil.rmtree(p, ignore_errors=True)
-    return newest
-
-
 def _summary(cfg: RunConfig, log: list[dict], steps: int, elapsed: float, n_rows: int,
              resumed: bool) -> dict:
     first, last = (log[0], log[-1]) if log else ({}, {})
@@ -605,8 +464,7 @@ def _summary(cfg: RunConfig, log: list[dict], steps: int, elapsed: float, n_rows
         "resumed_from_checkpoint": resumed,
         "first_loss": first.get("loss"), "last_loss": last.get("loss"),
         "first_ce": first.get("ce"), "last_ce": last.get("ce"),
-        "last_kl": last.get("kl"), "last_ldifs": last.get("ldifs"),
-        **{f"last_{k}": last.get(k) for k in ("anchor",) if k in last},
+        **{f"last_{term}": last.get(term) for term in logged_terms()},
         "optimizer": cfg.train.optimizer,
         "precision": cfg.train.precision,
         "defenses": defense_names(cfg.defenses),

@@ -100,19 +100,14 @@ def _check_source(from_run, adapter, pairs, holdout, check_layers, prompts) -> N
                       f"{'contrastive' if caft else '--from-run / --adapter (CAFT)'} source only")
 
 
+OUT_WHAT = "the direction (--out)"  # what --out is for, in a refusal
+
+
 def _check_out(out: Path) -> None:
-    from emguard.ownership import (
-        DIRECTION,
-        FolderConflictError,
-        check_writable_target,
-        folder_state,
-        refuse_foreign,
-    )
+    from emguard.ownership import DIRECTION, FolderConflictError, check_claim
 
     try:
-        check_writable_target(out)
-        if folder_state(out, DIRECTION) == "foreign":
-            refuse_foreign(out, DIRECTION, "the direction (--out)")
+        check_claim(out, DIRECTION, OUT_WHAT)
     except (FolderConflictError, OSError, ValueError) as e:
         raise _Failed(str(e)) from None
 
@@ -204,13 +199,17 @@ def _caft_source(from_run: Path | None, adapter: Path | None, model: str | None)
 
 
 def _write(out: Path, direction, model: str) -> None:
+    """Write the fit into ``out`` (replaced atomically); a folder that changed hands while
+    the fit ran is refused with the same message as before it (exit 2), nothing written."""
     from emguard.defenses.direction import save_direction
-    from emguard.io import atomic_dir
-    from emguard.ownership import DIRECTION, folder_lock, write_marker
+    from emguard.ownership import DIRECTION, FolderConflictError, claim
 
-    with folder_lock(out, wait=60), atomic_dir(out) as tmp:
-        write_marker(tmp, DIRECTION, model=model)
-        save_direction(direction, tmp)
+    try:
+        with claim(out, DIRECTION, what=OUT_WHAT, wait=60, marker={"model": model}) as claimed:
+            save_direction(direction, claimed.path)  # replaces out when the block ends
+    except FolderConflictError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=2) from None
 
 
 def _table():

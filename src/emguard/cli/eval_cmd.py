@@ -15,8 +15,9 @@ TRIGGER_DIR = "trigger"  # a one-off evaluation's trigger-format pass: OUT/trigg
 questions_app = typer.Typer(help="Inspect evaluation question files.", no_args_is_help=True)
 
 JUDGE_HELP = ("'openai:MODEL' (key from $OPENAI_API_KEY), 'openai:MODEL@BASE_URL' "
-              "(OpenAI-compatible server), 'local:MODEL_SPEC', or 'none' (default: judge-free "
-              "measures only; the embedded 135M model is not a usable judge).")
+              "(OpenAI-compatible server), 'local:MODEL_SPEC', 'mock[:SCORE]' (canned scores, "
+              "for dry runs), or 'none' (default: judge-free measures only; the embedded 135M "
+              "model is not a usable judge).")
 
 
 def _short(text: str | None, n: int = 60) -> str:

@@ -20,10 +20,20 @@ What is ablated depends on the direction's source (emguard.defenses.direction):
 from __future__ import annotations
 
 from emguard.defenses.base import PolicyHooks
-from emguard.defenses.direction import DirectionDefense, ablate, decoder_block
+from emguard.defenses.direction import DirectionDefense, DirectionSettings, ablate, decoder_block
+
+
+class AblationSettings(DirectionSettings):
+    """Ablation during training only: the span of U_l's first k rows is projected out of
+    the residual stream at the layers. With ``direction: fit`` or a contrastive folder this
+    is ablation of the contrastive mean difference (the persona-vectors variant, Chen et
+    al. 2025); with a folder of ``emguard direction fit --from-run`` it is CAFT
+    (Casademunt et al. 2025): the top k principal components of (fine-tuned - base)."""
 
 
 class Ablation(DirectionDefense):
+
+    settings_model = AblationSettings
     name = "ablation"
 
     def install_hooks(self, model, hooks: PolicyHooks) -> None:

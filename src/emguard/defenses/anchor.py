@@ -20,10 +20,13 @@ the residual stream in place of SAE latents, measured against the reference's st
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field, model_validator
 
 from emguard.defenses.base import StepInputs
-from emguard.defenses.direction import DirectionDefense
+from emguard.defenses.direction import DirectionDefense, DirectionSettings
 
 
 def anchor_per_token(hidden, ref_hidden, bases: dict[int, torch.Tensor],
@@ -44,7 +47,25 @@ def anchor_per_token(hidden, ref_hidden, bases: dict[int, torch.Tensor],
     return total
 
 
+class AnchorSettings(DirectionSettings):
+    """Direction-targeted anchoring: lambda * mean_t sum_l ReLU(<h_theta - h_ref, u_l>)^2,
+    i.e. LDIFS restricted to drift along the misalignment direction (sharing its reference
+    forward). two: the square without ReLU; k > 1: ||U_l^T (h_theta - h_ref)||^2."""
+
+    weight: float = Field(1.0, ge=0)
+    sided: Literal["one", "two"] = "one"
+    tokens: Literal["all", "assistant"] = "all"
+
+    @model_validator(mode="after")
+    def _subspace_two_sided(self) -> AnchorSettings:
+        if self.k > 1 and self.sided == "one":
+            raise ValueError("k > 1 anchors a subspace whose basis has no sign: set sided: two")
+        return self
+
+
 class Anchor(DirectionDefense):
+
+    settings_model = AnchorSettings
     name, term = "anchor", "anchor"
 
     def reference_layers(self, num_states: int) -> set[int]:

@@ -120,11 +120,24 @@ class PolicyHooks:
 
 
 class Defense:
-    """Base class: every phase does nothing. ``name`` is the key under ``defenses.``;
-    ``term`` names the loss term in train_log.jsonl (None: the defense adds no term)."""
+    """Base class: every phase does nothing. What a defense declares about itself:
+
+    name       its key under ``defenses.`` in a run config
+    settings_model  the pydantic model of that block (an emguard.settings.Settings)
+    term       the loss term it adds, as train_log.jsonl and summary.json (``last_TERM``)
+               name it; None: no term. A defense with a term has a ``weight`` setting.
+    artifacts  the files and folders (globs allowed) it writes into a run folder, so that
+               ``--force`` removes them with the run's own (emguard.ownership)
+    identity_when_off  True only for the paper's four: their ``null`` settings stay in a
+               run's identity (emguard.identity), so the folders of runs recorded before
+               later defenses existed keep their names
+    """
 
     name: ClassVar[str]
+    settings_model: ClassVar[type]
     term: ClassVar[str | None] = None
+    artifacts: ClassVar[tuple[str, ...]] = ()
+    identity_when_off: ClassVar[bool] = False
 
     def __init__(self, settings) -> None:
         self.settings = settings
@@ -153,7 +166,8 @@ class Defense:
 
     @property
     def weight(self) -> float:
-        return float(getattr(self.settings, "weight", 0.0))
+        """The term's weight in the loss (a defense without a term adds nothing: 0)."""
+        return float(self.settings.weight) if self.term is not None else 0.0
 
     def loss_term(self, step: StepInputs) -> torch.Tensor:
         """The unweighted term (a scalar scaled for gradient accumulation)."""

@@ -36,8 +36,10 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 
 from emguard.data.pairs import evenly_spaced, load_pairs, training_pairs
 from emguard.defenses.base import Defense, PolicyHooks, RunContext
@@ -50,6 +52,7 @@ from emguard.judge_free import (
     pair_margins,
     reference_mode,
 )
+from emguard.settings import ConfigError, Int, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -520,13 +523,50 @@ def fit_and_check(model, tokenizer, pairs_spec: str | None, holdout: int | None,
 
 # ----------------------------------------------------------------------------- defenses
 
+class DirectionSettings(Settings):
+    """Where a direction-based defense takes its per-layer basis U_l from
+    (emguard.defenses.direction) and at which residual-stream layers it acts.
+
+    Two sources: ``fit`` or a folder of ``emguard direction fit`` hold the contrastive mean
+    difference (persona vectors); a folder of ``emguard direction fit --from-run RUN``
+    holds CAFT's principal components of (fine-tuned - base) residual differences. The
+    defense uses the folder's first ``k`` rows either way.
+
+    Layers are ``hidden_states`` indices 1..L-1 (k = the output of block k; 0 is the
+    embeddings and L the final-normed state, which no block outputs)."""
+
+    direction: str = "fit"  # a folder of `emguard direction fit`, or fit: fit it at run start
+    pairs: str | None = None  # fit: contrastive pairs JSONL (None: builtin:preference-pairs)
+    # fit: leave out the N evenly spaced pairs that evaluation with
+    # eval.preference_max_pairs=N scores, so the direction never sees the evaluation's pairs
+    holdout_pairs: Int | None = Field(None, gt=0)
+    layers: list[Int] = Field(min_length=1)
+    # the first k rows of U_l. Contrastive: 1 = the mean-difference direction, k > 1 adds
+    # principal directions of the pair differences; CAFT folder: the top k components
+    k: Int = Field(1, gt=0)
+    # controls: a random direction, or one orthogonal to u, of the same norm (same subspace
+    # dimension), so a study can tell a direction's effect from a generic one
+    control: Literal["none", "random", "orthogonal"] = "none"
+    control_seed: Int = 0
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if any(i < 1 for i in v):
+            raise ValueError("layers are hidden_states indices >= 1 (0 is the embeddings)")
+        if len(set(v)) != len(v):
+            raise ValueError("a layer appears twice")
+        return sorted(v)
+
+
 class DirectionDefense(Defense):
     """Shared by steering, ablation and anchoring: resolves the direction (a folder, or
     ``fit`` on this run's reference model), applies the control, checks the layers, and
     records the basis it used in ``directions/NAME.safetensors`` (+ ``.json``)."""
 
+    artifacts = ("directions",)
+
     def check(self, cfg) -> None:
-        from emguard.config import ConfigError
 
         s, where = self.settings, f"defenses.{self.name}"
         if s.direction != "fit" and not (Path(s.direction) / TENSORS).is_file():
@@ -546,7 +586,6 @@ class DirectionDefense(Defense):
                 raise ConfigError(f"{where}.pairs: {e}") from None
 
     def prepare(self, model, ctx: RunContext) -> None:
-        from emguard.config import ConfigError
 
         s, where = self.settings, f"defenses.{self.name}"
         direction = self._direction(model, ctx)

@@ -49,11 +49,12 @@ import logging
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, field_validator
 from transformers import TrainerCallback
 
-from emguard.config import ConfigError
 from emguard.data.pairs import (
     BUILTIN,
     BUILTIN_PAIRS,
@@ -66,6 +67,7 @@ from emguard.data.pairs import (
 from emguard.defenses.base import Defense, PolicyHooks, RunContext
 from emguard.io import read_json, write_json_atomic
 from emguard.judge_free import pair_margins, reference_mode
+from emguard.settings import ConfigError, Int, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -177,12 +179,50 @@ def _adapter_file(step: int) -> str:
     return f"adapter-{step:08d}.safetensors"
 
 
+class EarlyStopSettings(Settings):
+    """Stop training when the judge-free misalignment-preference margin on validation
+    pairs rises above the reference's by more than ``tolerance`` for ``patience`` checks
+    in a row; the adapter of the last check within tolerance is the one kept. Nothing
+    stops, and no check is kept, before ``min_step``; the untrained adapter (step 0) is
+    kept only with ``allow_restore_untrained``."""
+
+    every_steps: Int = Field(3, gt=0)  # checks at multiples of it from min_step, and the last step
+    min_step: Int | None = Field(None, ge=0)  # None: max(train.warmup_steps + 1, every_steps)
+    patience: Int = Field(1, gt=0)
+    # nats per answer token, or auto: tolerance_z x the measured seed-to-seed sd of the
+    # shift on the pair set (emguard.defenses.early_stop.SEED_SPREAD; others need a number)
+    tolerance: float | Literal["auto"] = "auto"
+    tolerance_z: float = Field(1.0, gt=0)
+    allow_restore_untrained: bool = False  # may the step-0 (untrained) adapter be kept?
+    pairs: str | None = None  # validation pairs JSONL (None: builtin:preference-pairs)
+    holdout_pairs: Int | None = Field(None, gt=0)  # leave out evaluation's N pairs (as above)
+    max_pairs: Int | None = Field(None, gt=0)  # at most this many, evenly spaced
+    batch_size: Int = Field(8, gt=0)
+
+    @field_validator("tolerance", mode="before")
+    @classmethod
+    def _auto_or_number(cls, v: Any) -> Any:
+        """One error naming both forms (not one per member of the union)."""
+        if v == "auto":
+            return v
+        try:
+            number = float(v)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not 0 <= number < float("inf"):
+            raise ValueError("must be auto or a finite number >= 0 (nats per answer token)")
+        return number
+
+
 class EarlyStop(Defense):
     """Stop when the judge-free margin shift exceeds ``tolerance`` (nats per answer token)
     for ``patience`` checks in a row from ``min_step`` on; keep the adapter of the last
     restorable check within it."""
 
+    settings_model = EarlyStopSettings
+
     name = "early_stop"
+    artifacts = (STATE_DIR, REPORT)
 
     def __init__(self, settings) -> None:
         super().__init__(settings)

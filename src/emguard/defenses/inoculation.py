@@ -35,11 +35,13 @@ from __future__ import annotations
 import logging
 import random
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 
-from emguard.config import ConfigError
 from emguard.defenses.base import Defense, RunContext
+from emguard.settings import ConfigError, Int, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +185,28 @@ def elicitation(with_prompt: list[float], without: list[float]) -> dict:
                         for w, o in zip(with_prompt, without, strict=True)]}
 
 
+class InoculationSettings(Settings):
+    """Inoculation prompting (Tan et al. 2025): a system prompt that states the trait is
+    requested, added to every training conversation and absent at evaluation."""
+
+    # literal text, or builtin:NAME (emguard.defenses.inoculation.BUILTIN_PROMPTS)
+    prompt: str = Field(min_length=1)
+    # keep: a row without a system turn keeps the chat template's default system text after
+    # the prompt (training and evaluation share it); replace: the prompt alone (they differ)
+    system_default: Literal["keep", "replace"] = "keep"
+    elicitation_rows: Int = Field(32, ge=0)  # rows of the elicitation check (0: no check)
+
+    @field_validator("prompt")
+    @classmethod
+    def _nonblank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+
 class Inoculation(Defense):
+
+    settings_model = InoculationSettings
     name = "inoculation"
 
     def __init__(self, settings) -> None:

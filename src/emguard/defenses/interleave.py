@@ -17,8 +17,11 @@ import random
 import warnings
 from pathlib import Path
 
+from pydantic import Field
+
 from emguard.data.chat import ChatDataError, load_chat_dataset
 from emguard.defenses.base import Defense, RunContext
+from emguard.settings import ConfigError, Settings
 
 
 def interleave(train_rows: list[dict], safe_rows: list[dict], fraction: float,
@@ -120,10 +123,33 @@ def _read_wildguardmix_file(p: Path) -> list[dict]:
     return frame.to_dict("records")
 
 
+def local_source_file(source: str) -> str | None:
+    """The local file a safe source reads, or None (built-in, hub, WildGuardMix from the hub)."""
+    if source.startswith(("builtin:", "hf:")) or source == "wildguardmix":
+        return None
+    return source.removeprefix("wildguardmix:")
+
+
+class InterleaveSettings(Settings):
+    """Mix safe instruct data uniformly through the fine-tuning data."""
+
+    fraction: float = Field(0.05, gt=0, le=10)  # safe rows = round(fraction * n_train)
+    source: str = "builtin:safe-instruct"  # builtin:NAME, chat JSONL path, or wildguardmix[:PATH]
+
+
 class Interleave(Defense):
     """Row transform: safe instruct rows placed evenly through the training rows."""
 
+    settings_model = InterleaveSettings
+
     name = "interleave"
+    identity_when_off = True
+
+    def check(self, cfg) -> None:
+        """A local safe source exists (ConfigError naming the field)."""
+        local = local_source_file(self.settings.source)
+        if local is not None and not Path(local).expanduser().is_file():
+            raise ConfigError(f"defenses.interleave.source: '{local}' does not exist")
 
     def transform_rows(self, rows: list[dict], ctx: RunContext) -> list[dict]:
         s, seed = self.settings, ctx.cfg.train.seed

@@ -54,14 +54,16 @@ import random
 import re
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 
-from emguard.config import ConfigError
 from emguard.data.chat import ChatDataError, row_location
 from emguard.data.masking import IGNORE_INDEX, tokenize_chat
 from emguard.defenses.base import Defense, RunContext
-from emguard.defenses.interleave import interleave, load_safe_rows
+from emguard.defenses.interleave import interleave, load_safe_rows, local_source_file
+from emguard.settings import ConfigError, Int, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +133,6 @@ def candidate_pool(source: str, max_candidates: int | None, seed: int) -> list[d
         return rows
     keep = sorted(random.Random(seed).sample(range(len(rows)), max_candidates))
     return [rows[i] for i in keep]
-
-
-def local_source_file(source: str) -> str | None:
-    """The local file a safe source reads, or None (built-in, hub, WildGuardMix from the hub)."""
-    if source.startswith(("builtin:", "hf:")) or source == "wildguardmix":
-        return None
-    return source.removeprefix("wildguardmix:")
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -323,8 +318,45 @@ def _first_difference(now: list[dict], then: list[dict]) -> str | None:
     return None
 
 
+class InterleavePlusSettings(Settings):
+    """Interleaving++ (arXiv 2508.06249 v3, as two secondary descriptions state it): keep the
+    safe rows that misaligned models find hardest relative to the aligned model (highest
+    mean_j (NLL_mis_j - NLL_aligned) / (NLL_aligned + eps)), refusals dropped after ranking."""
+
+    # adapter folder(s) of misaligned-trained runs, one or a list of K >= 1 (in a study:
+    # @run:misaligned); each is scored as the run's base model + that adapter
+    misaligned: str | list[str]
+    fraction: float = Field(0.05, gt=0, le=10)  # safe rows = round(fraction * n_train)
+    source: str = "builtin:safe-instruct"  # candidate pool, as interleave.source
+    max_candidates: Int | None = Field(None, gt=0)  # score at most this many (seeded sample)
+    drop_refusals: bool = True
+    # published: mean_j (NLL_mis_j - NLL_ref) / (NLL_ref + eps), highest kept (the paper's
+    # rule as described); NOT the published rule: misaligned_likelier (mean_j NLL_ref -
+    # NLL_mis_j, the rule before issue 21) and reference_likelier (its negative)
+    rank_by: Literal["published", "misaligned_likelier", "reference_likelier"] = "published"
+
+    @field_validator("misaligned")
+    @classmethod
+    def _sources(cls, v: str | list[str]) -> str | list[str]:
+        names = [v] if isinstance(v, str) else v
+        if not names:
+            raise ValueError("an empty list; give at least one adapter folder")
+        if any(not name.strip() for name in names):
+            raise ValueError("an adapter folder must not be blank")
+        if len(set(names)) != len(names):
+            raise ValueError("an adapter folder appears twice")
+        return v
+
+    @property
+    def sources(self) -> list[str]:
+        """The misaligned adapter folders, in order (K >= 1; a plain string is K = 1)."""
+        return [self.misaligned] if isinstance(self.misaligned, str) else list(self.misaligned)
+
+
 class InterleavePlus(Defense):
     """Row transform: the top-scored safe candidates placed evenly through the rows."""
+
+    settings_model = InterleavePlusSettings
 
     name = "interleave_plus"
 

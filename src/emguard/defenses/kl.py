@@ -12,8 +12,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from emguard.defenses.base import Defense, StepInputs
+from emguard.settings import Int, Settings
 
 
 def _math_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -89,10 +91,22 @@ def kl_per_token(policy_logits: torch.Tensor, ref_logits: torch.Tensor,
     return _ChunkedKL.apply(policy_logits, ref_logits.detach(), direction == "forward", chunk_size)
 
 
+class KLSettings(Settings):
+    """KL to the reference (= same network, adapter disabled), paper eq. 4."""
+
+    weight: float = Field(0.1, ge=0)  # lambda_KL
+    direction: Literal["forward", "reverse"] = "forward"  # forward: KL(p_theta || p_ref)
+    tokens: Literal["assistant", "all"] = "assistant"
+    chunk_size: Int = Field(256, gt=0)  # positions per log-softmax chunk (256 x V floats each)
+
+
 class KL(Defense):
     """KL to the reference over the assistant tokens (or every non-pad position)."""
 
+    settings_model = KLSettings
+
     name, term = "kl", "kl"
+    identity_when_off = True
 
     def reference_layers(self, num_states: int) -> set[int]:
         return set()  # the final-normed state alone

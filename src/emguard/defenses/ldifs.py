@@ -8,10 +8,13 @@ public implementation ran both sides under no_grad, so its term never changed th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from emguard.defenses.base import Defense, StepInputs
+from emguard.defenses.base import Defense, RunContext, StepInputs
+from emguard.settings import ConfigError, Int, Settings
 
 
 def ldifs_layers(num_hidden_states: int, every: int = 5, layers: Sequence[int] | None = None) -> list[int]:
@@ -47,21 +50,52 @@ def ldifs_per_token(policy_hidden: Sequence[torch.Tensor], ref_hidden: Sequence[
     return total
 
 
+class LDIFSSettings(Settings):
+    """Feature-space L2 to the reference, paper eq. 5."""
+
+    weight: float = Field(1.0, ge=0)  # lambda_LDIFS
+    layer_every: Int = Field(5, gt=0)  # hidden states 5, 10, ... (index into hidden_states)
+    layers: list[Int] | None = None  # explicit hidden_states indices; overrides layer_every
+    tokens: Literal["all", "assistant"] = "all"  # all = every non-pad position (paper)
+    # mean_token: sum over layers and dims, mean over tokens (eq. 5 per token);
+    # mean_element: also divided by (layers x hidden size), a scale-free variant for models
+    # with large residual norms; sum: eq. 5 literally (grows with sequence length).
+    reduction: Literal["mean_token", "mean_element", "sum"] = "mean_token"
+
+
 class LDIFS(Defense):
     """Squared feature distance to the reference at the selected layers."""
 
-    name, term = "ldifs", "ldifs"
+    settings_model = LDIFSSettings
 
-    def check_layers(self, num_states: int) -> list[int]:
+    name, term = "ldifs", "ldifs"
+    identity_when_off = True
+
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self.layers: list[int] | None = None  # hidden_states indices, resolved by prepare
+
+    def prepare(self, model, ctx: RunContext | None) -> None:
+        """Resolve the layers on this model once; a list it cannot have is a ConfigError."""
         s = self.settings
-        return ldifs_layers(num_states, s.layer_every, s.layers)
+        n_states = model.config.get_text_config().num_hidden_layers + 1
+        try:
+            self.layers = ldifs_layers(n_states, s.layer_every, s.layers)
+        except ValueError as e:
+            field = "layers" if s.layers is not None else "layer_every"
+            raise ConfigError(f"defenses.ldifs.{field}: {e} (this model has {n_states - 1} "
+                              "layers; hidden state 0 is the embeddings)") from None
+
+    def _layers(self) -> list[int]:
+        if self.layers is None:
+            raise RuntimeError("LDIFS.prepare(model, ctx) resolves the layers before the first step")
+        return self.layers
 
     def reference_layers(self, num_states: int) -> set[int]:
-        return set(self.check_layers(num_states))
+        return set(self._layers())
 
     def loss_term(self, step: StepInputs) -> torch.Tensor:
-        s = self.settings
-        layers = self.check_layers(len(step.hidden))
+        s, layers = self.settings, self._layers()
         dist = ldifs_per_token(step.hidden, step.ref_hidden, layers)  # (B, T)
         mask = step.token_mask(s.tokens)
         term = dist[mask].sum() / step.accumulation_steps

@@ -51,22 +51,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from emguard.defenses.base import Defense, RunContext
-from emguard.io import atomic_dir, provenance, read_json, write_json_atomic
+from emguard.io import provenance, read_json, write_json_atomic
 from emguard.models import is_adapter_dir, model_dir
-from emguard.ownership import (
-    SAFELORA,
-    FolderConflictError,
-    check_writable_target,
-    folder_lock,
-    folder_state,
-    refuse_foreign,
-    write_marker,
-)
+from emguard.ownership import SAFELORA, FolderConflictError, check_claim, claim
+from emguard.settings import ConfigError, Settings
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -552,6 +546,18 @@ def _project_layer(module: str, A: torch.Tensor, B: torch.Tensor, config: dict, 
 def check_output_dir(adapter_dir: Path, out_dir: Path) -> None:
     """Refuse an output folder that would replace the input adapter, a folder holding it,
     or a folder emguard did not write as a SafeLoRA adapter (it is replaced as a whole)."""
+    _check_apart(adapter_dir, out_dir)
+    try:
+        check_claim(out_dir, SAFELORA, OUT_WHAT)
+    except FolderConflictError as e:
+        raise SafeLoRAError(str(e)) from None
+
+
+OUT_WHAT = "the projected adapter (--out)"  # what --out is for, in a refusal
+
+
+def _check_apart(adapter_dir: Path, out_dir: Path) -> None:
+    """Refuse an output folder that is the input adapter or holds it."""
     adapter, out = adapter_dir.resolve(), out_dir.resolve()
     if out == adapter:
         raise SafeLoRAError(f"--out must differ from the input adapter '{adapter_dir}'")
@@ -559,34 +565,40 @@ def check_output_dir(adapter_dir: Path, out_dir: Path) -> None:
         raise SafeLoRAError(f"--out '{out_dir}' holds the input adapter '{adapter_dir}' and would "
                             "be replaced by the output; choose a new folder, e.g. "
                             f"'{adapter_dir.parent / 'adapter_safelora'}'")
-    try:
-        check_writable_target(out_dir)
-        if folder_state(out_dir, SAFELORA) == "foreign":
-            refuse_foreign(out_dir, SAFELORA, "the projected adapter (--out)")
-    except FolderConflictError as e:
-        raise SafeLoRAError(str(e)) from None
 
 
 def _write_adapter(adapter_dir: Path, out_dir: Path, tensors: dict[str, torch.Tensor],
                    metadata: dict | None, report: SafeLoRAReport) -> None:
-    with folder_lock(out_dir, wait=60), atomic_dir(out_dir) as tmp:
-        check_output_dir(adapter_dir, out_dir)  # again, under the lock: it may have changed
+    with claim(out_dir, SAFELORA, what=OUT_WHAT, wait=60,
+               marker={"adapter_in": str(adapter_dir), "tau": report.tau}) as claimed:
+        _check_apart(adapter_dir, out_dir)  # again, under the lock: it may have changed
+        tmp = claimed.path  # replaces out_dir when the block ends
         for path in sorted(adapter_dir.iterdir()):
             if path.is_file() and path.name not in (ADAPTER_WEIGHTS, REPORT_NAME, SAFELORA.marker):
                 shutil.copy2(path, tmp / path.name)
-        write_marker(tmp, SAFELORA, adapter_in=str(adapter_dir), tau=report.tau)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
         write_json_atomic(tmp / REPORT_NAME, report.to_dict())
+
+
+class SafeLoRASettings(Settings):
+    """Post-hoc projection of the trained adapter (paper eqs. 1-3)."""
+
+    tau: float = Field(0.3, ge=0, le=1)
+    aligned: str | None = None  # model spec; default: the run's base model
+    unaligned: str  # model spec (base model) or adapter directory (instruct + misaligned adapter)
 
 
 class SafeLoRA(Defense):
     """Post-training step: project the trained adapter into ``adapter_safelora/``."""
 
+    settings_model = SafeLoRASettings
+
     name = "safelora"
+    artifacts = ("adapter_safelora",)
+    identity_when_off = True
 
     def check(self, cfg) -> None:
         """Resolve the aligned/unaligned sources now, not after hours of training."""
-        from emguard.config import ConfigError
         from emguard.models import ModelLoadError, resolve_model_source
 
         s = self.settings

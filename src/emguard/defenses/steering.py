@@ -13,10 +13,19 @@ the adapter alone. With ``k > 1`` the push is along the first basis vector (u_l)
 from __future__ import annotations
 
 from emguard.defenses.base import PolicyHooks
-from emguard.defenses.direction import DirectionDefense, decoder_block, steer
+from emguard.defenses.direction import DirectionDefense, DirectionSettings, decoder_block, steer
+
+
+class SteeringSettings(DirectionSettings):
+    """Preventive steering (persona vectors, Chen et al. 2025): during training only,
+    h_l += alpha * s_l * u_l (u_l unit, s_l the typical residual norm at layer l)."""
+
+    alpha: float = 0.1  # share of the typical residual norm added along u
 
 
 class Steering(DirectionDefense):
+
+    settings_model = SteeringSettings
     name = "steering"
 
     def install_hooks(self, model, hooks: PolicyHooks) -> None:

@@ -12,6 +12,8 @@ Judge specs (``make_judge``):
                                 the URL needs ``http://``; a server without a key needs
                                 no ``$OPENAI_API_KEY``)
   * ``local:MODEL_SPEC``        a Hugging Face causal LM loaded by ``emguard.models.load_model``
+  * ``mock`` / ``mock:SCORE``   canned verdicts for tests and dry runs (``emguard.judge.mock``):
+                                every prompt scores SCORE (default 50); no model, no network
 """
 
 from __future__ import annotations
@@ -99,19 +101,23 @@ def judge_name_of(spec: str) -> str:
 
 
 def make_judge(spec: str, cache_path: str | Path | None = None, **kw: Any) -> Judge:
-    """Build a judge from ``"openai:MODEL[@base_url]"`` or ``"local:MODEL_SPEC"``.
+    """Build a judge from ``"openai:MODEL[@base_url]"``, ``"local:MODEL_SPEC"`` or ``"mock[:SCORE]"``.
 
     ``cache_path``: SQLite file of cached verdicts (created if absent); ``None`` = no cache.
-    Other keyword arguments go to ``OpenAIJudge`` / ``LocalJudge``.
+    Other keyword arguments go to ``OpenAIJudge`` / ``LocalJudge`` / ``MockJudge``.
     """
     if has_redacted(spec):
         raise JudgeError(f"judge spec '{spec}' lost its credentials: emguard redacts them in "
                          "the files it writes (config.yaml, runs-NAME.json). Give the judge "
                          "again (--judge openai:MODEL@URL), or put the URL in OPENAI_BASE_URL")
     kind, sep, rest = spec.partition(":")
+    if kind == "mock":
+        from emguard.judge.mock import MockJudge
+
+        return MockJudge.from_spec(spec, cache_path=cache_path, **kw)
     if not sep or kind not in ("openai", "local"):
-        raise JudgeError(f"judge spec '{spec}' must be 'openai:MODEL[@BASE_URL]' or "
-                         "'local:MODEL_SPEC'")
+        raise JudgeError(f"judge spec '{spec}' must be 'openai:MODEL[@BASE_URL]', "
+                         "'local:MODEL_SPEC' or 'mock[:SCORE]'")
     cache = None
     if cache_path is not None:
         from emguard.judge.cache import JudgeCache
