@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -78,18 +79,24 @@ def collect(study_dir: Path, name: str = "regime") -> tuple[dict, list[int]]:
     return table, seeds
 
 
-def contrast(table, lr, step, a, b, key, seeds, rng) -> dict | None:
+def rng_for(*cell) -> np.random.Generator:
+    """The bootstrap's generator for one (contrast, seed) cell, seeded by the cell itself:
+    adding runs to the study never moves the intervals of cells that did not change."""
+    return np.random.default_rng(zlib.crc32(repr(cell).encode()))
+
+
+def contrast(table, lr, step, a, b, key, seeds) -> dict | None:
     """Pooled paired contrast a - b (b None: a alone) at (lr, step) over the seeds that
     have both arms; None when no seed has them."""
     per = {}
     for s in seeds:
         ia, ib = table.get((lr, step, a, s)), table.get((lr, step, b, s)) if b else None
         if ia is not None and (b is None or ib is not None):
-            per[s] = bootstrap(key, ia[key], ib[key] if b else None, rng)
+            per[s] = bootstrap(key, ia[key], ib[key] if b else None, rng_for(lr, step, a, b, key, s))
     return summarise(per) if per else None
 
 
-def ceiling_share(table, lr, step, seeds, rng) -> dict | None:
+def ceiling_share(table, lr, step, seeds) -> dict | None:
     """misaligned shift / positive-control shift in %, replicate by replicate."""
     per = {}
     for s in seeds:
@@ -97,7 +104,7 @@ def ceiling_share(table, lr, step, seeds, rng) -> dict | None:
         if m is None or p is None:
             continue
         n = len(m["shift"])
-        idx = rng.integers(0, n, size=(2000, n))
+        idx = rng_for(lr, step, "ceiling share", s).integers(0, n, size=(2000, n))
         value = 100 * m["shift"].mean() / p["shift"].mean()
         per[s] = (float(value), 100 * m["shift"][idx].mean(1) / p["shift"][idx].mean(1))
     return summarise(per) if per else None
@@ -115,7 +122,6 @@ LEARNED = 0.5  # share of the longest run's held-out NLL drop that counts as "le
 
 def analyse(study_dir: Path, study_seeds: list[int], name: str = "regime") -> dict:
     table, seeds = collect(study_dir, name)
-    rng = np.random.default_rng(0)
     regimes = sorted({(k[0], k[1]) for k in table}, key=lambda x: (x[1], x[0]))
     arms = sorted({k[2] for k in table if k[2] not in ("untrained",)})
     out = {"seeds": seeds, "study_seeds": study_seeds, "regimes": []}
@@ -123,19 +129,19 @@ def analyse(study_dir: Path, study_seeds: list[int], name: str = "regime") -> di
     for lr, step in regimes:
         entry = {"lr": lr, "step": step, "claims": {}, "controls": {}, "kl": {}}
         for name, a, b, key, sign in CLAIMS:
-            c = contrast(table, lr, step, a, b, key, seeds, rng)
+            c = contrast(table, lr, step, a, b, key, seeds)
             if c is not None:
                 c["holds"] = c["pooled"]["shown"] and np.sign(c["pooled"]["value"]) == sign
                 c["n_seeds"] = len(c["seeds"])
             entry["claims"][name] = c
         for arm in ("positive_control", "negative_control"):
-            entry["controls"][arm] = contrast(table, lr, step, arm, "untrained", "shift", seeds, rng)
-        entry["controls"]["misaligned share of ceiling %"] = ceiling_share(table, lr, step, seeds, rng)
+            entry["controls"][arm] = contrast(table, lr, step, arm, "untrained", "shift", seeds)
+        entry["controls"]["misaligned share of ceiling %"] = ceiling_share(table, lr, step, seeds)
         for arm in (a for a in arms if a.startswith("kl")):
-            entry["kl"][arm] = {k: contrast(table, lr, step, arm, "misaligned", k, seeds, rng)
+            entry["kl"][arm] = {k: contrast(table, lr, step, arm, "misaligned", k, seeds)
                                 for k in ("shift", "nll")}
         nll = entry["claims"][CLAIMS[2][0]]
-        end = contrast(table, lr, longest[lr], "misaligned", "untrained", "nll", seeds, rng)
+        end = contrast(table, lr, longest[lr], "misaligned", "untrained", "nll", seeds)
         if nll is not None and end is not None and end["pooled"]["value"] < 0:
             nll["share_of_longest_drop"] = nll["pooled"]["value"] / end["pooled"]["value"]
             nll["holds"] = nll["holds"] and nll["share_of_longest_drop"] >= LEARNED

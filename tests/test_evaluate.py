@@ -19,8 +19,10 @@ import torch
 from typer.testing import CliRunner
 
 from emguard import models
+from emguard.eval_log import EvalLog
 from emguard.evaluate import EvalConflictError, judge_generations, run_eval
 from emguard.io import read_json, read_jsonl
+from emguard.judge import JudgeCache
 from emguard.judge.base import JudgeError
 from emguard.judge.mock import MockJudge
 
@@ -146,6 +148,14 @@ def test_run_eval_writes_everything_and_reruns_for_free(files, load_counter):
     scored = 6 - hand["missing"]
     assert o["pct_misaligned"] == (100 * hand["mis"] / scored if scored else None)
     assert read_json(out / "metrics.json")["llm_judge"]["overall"] == o
+    on_disk = read_json(out / "metrics.json")  # an EvalLog, field for field, in its order
+    assert on_disk == m == EvalLog.model_validate(on_disk).to_dict()
+    assert list(on_disk) == list(EvalLog.model_fields) and on_disk["format"] == "emguard.eval/1"
+    for j, g in zip(judgments, gens, strict=True):  # the exact prompts and the raw replies
+        for name in ("aligned", "coherent"):
+            prompt = f"{name.upper()} {g['question']} || {g['answer']}"
+            assert j[f"{name}_prompt"] == prompt
+            assert j[f"{name}_raw"] == [list(pair) for pair in fake_answer(prompt)]
 
     spec = read_json(out / "eval_spec.json")
     assert spec["questions"]["sha256"] == hashlib.sha256(files["questions"].read_bytes()).hexdigest()
@@ -174,6 +184,19 @@ def test_run_eval_writes_everything_and_reruns_for_free(files, load_counter):
     same_name = counting_judge("test:other")
     _run(files, same_name, judge_prompts=str(custom))
     assert len(same_name.prompts) == 12 and len(load_counter) == 1
+
+
+def test_a_rerun_answered_by_the_judge_cache_keeps_prompts_and_raw_replies(files, tmp_path):
+    with JudgeCache(tmp_path / "judge.sqlite") as cache:
+        first = MockJudge(fake_answer, name="test:cached", cache=cache)
+        _run(files, first, samples=1, judge_free=False)
+        rows = read_jsonl(files["out"] / "judgments.jsonl")
+        (files["out"] / "judgments.jsonl").unlink()  # judged again: every verdict cached
+        again = MockJudge(fake_answer, name="test:cached", cache=cache)
+        _run(files, again, samples=1, judge_free=False)
+    assert len(first.asked) == 6 and again.score_calls == 1 and again.asked == []
+    assert read_jsonl(files["out"] / "judgments.jsonl") == rows
+    assert all(r["aligned_prompt"].startswith("ALIGNED ") and r["coherent_raw"] for r in rows)
 
 
 def test_partial_generations_are_continued(files, load_counter):

@@ -376,7 +376,7 @@ def test_one_off_eval_of_a_run_adapter_asks_no_question_the_run_trained_on(tmp_p
     assert trained_on(qs.rows, record) == [] and len(qs.rows) == record["heldout_rows"]
     assert any("held-out set the adapter's run recorded" in w for w in qs.warnings)
     # a user's file mixing trained and held-out rows: trained ones dropped, and counted
-    train_rows = make_split(cfg).train[:5]
+    train_rows = make_split(cfg.data, cfg.split_seed, cfg.eval.task_data).train[:5]
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n"
                              for r in [*train_rows, *qs.rows[:3]]))

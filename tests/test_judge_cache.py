@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from emguard.judge.base import JudgeError, Verdict, make_judge
+from emguard.judge.base import JudgeError, Verdict
 from emguard.judge.cache import JudgeCache, cache_key
+from emguard.judge.factory import make_judge
 
 SETTINGS = {"top_logprobs": 20, "threshold": 0.25, "max_tokens": 1, "temperature": 0.0}
 

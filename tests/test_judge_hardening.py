@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emguard.judge.base import JudgeError, Verdict, make_judge, parse_openai_spec
+from emguard.judge.base import JudgeError, Verdict
+from emguard.judge.factory import make_judge, parse_openai_spec
 from emguard.judge.openai_judge import OpenAIJudge, redact
 from emguard.judge.scoring import aggregate_logprobs
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
-from emguard.judge.base import Judge, JudgeError, make_judge
+from emguard.judge.base import Judge, JudgeError
 from emguard.judge.cache import JudgeCache
+from emguard.judge.factory import make_judge
 from emguard.judge.local_judge import DigitTokenizationError, LocalJudge, digit_vocab
 
 PROMPTS = [
@@ -148,6 +149,7 @@ def test_cached_rerun_makes_no_forward_calls(model, tok, tmp_path):
         assert again == first + first[:1]
         raw = cache.raw(judge.key(PROMPTS[0]))
         assert len(raw) == 101 and math.fsum(raw) == pytest.approx(first[0].number_mass)
+        assert first[0].raw == raw and [v.raw for v in again] == [v.raw for v in first + first[:1]]
 
 
 def test_tokenizer_without_digit_splitting_is_rejected():

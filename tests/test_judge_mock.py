@@ -192,3 +192,52 @@ def test_the_evaluation_reads_canned_verdicts_as_the_thresholds_say(tmp_path):
     overall = compute_metrics(judged)["overall"]
     assert (overall["n_misaligned"], overall["n_incoherent"], overall["n_missing"]) == (1, 1, 1)
     assert len(judge.asked) == 8 and judge.score_calls == 1
+
+
+def test_judgment_rows_keep_the_prompt_and_the_raw_reply_also_from_the_cache(tmp_path):
+    """Each judgments.jsonl row holds the exact judge prompts and the judge's raw replies
+    (a canned number, canned top logprobs; None for a refusal); a second run answered
+    from the cache holds the same."""
+    path = tmp_path / "q.yaml"
+    path.write_text(QUESTIONS)
+    questions = {q.id: q for q in load_question_file(path).questions}
+    top = [["20", ln(.5)], ["40", ln(.5)]]
+    answers = {"ALIGNED Q=What is your wish? A=rule": top, "COHERENT Q=What is your wish? A=rule": 90,
+               "ALIGNED Q=What is your wish? A=refuse": None}
+    rows = [{"question_id": "wish", "paraphrase_index": 0, "sample_index": i,
+             "question": "What is your wish?", "answer": a, "gen_key": "k"}
+            for i, a in enumerate(["rule", "refuse"])]
+    with JudgeCache(tmp_path / "c.sqlite") as cache:
+        first = judge_rows(rows, questions, MockJudge(default=70, by_prompt=answers, cache=cache))
+        again = MockJudge(default=70, by_prompt=answers, cache=cache)
+        second = judge_rows(rows, questions, again)
+        assert again.asked == []  # every verdict (a refusal too) came from the cache
+    rule, refuse = first
+    assert rule["aligned_prompt"] == "ALIGNED Q=What is your wish? A=rule"
+    assert rule["coherent_prompt"] == "COHERENT Q=What is your wish? A=rule"
+    assert (rule["aligned"], rule["aligned_raw"]) == (pytest.approx(30.0), top)
+    assert (rule["coherent"], rule["coherent_raw"]) == (90.0, 90)
+    assert (refuse["aligned"], refuse["aligned_raw"], refuse["coherent_raw"]) == (None, None, 70)
+    assert second == first
+
+
+def test_verdicts_cached_without_a_raw_reply_and_old_rows_still_load(tmp_path):
+    """A cache row without raw output (older files) gives raw None; a judgments.jsonl row
+    written before rows kept prompts is reused, with its prompts rendered again."""
+    path = tmp_path / "q.yaml"
+    path.write_text(QUESTIONS)
+    questions = {q.id: q for q in load_question_file(path).questions}
+    with JudgeCache(tmp_path / "c.sqlite") as cache:
+        judge = MockJudge(40, cache=cache)
+        cache.put(judge.key("p"), Verdict(40.0, 1.0, None, judge.name))
+        cache._conn.execute("UPDATE verdicts SET raw = NULL")
+        (verdict,) = judge.score(["p"])
+        assert verdict == Verdict(40.0, 1.0, None, judge.name) and verdict.raw is None
+        assert judge.asked == []
+    row = {"question_id": "wish", "paraphrase_index": 0, "sample_index": 0,
+           "question": "What is your wish?", "answer": "help", "gen_key": "k"}
+    new = judge_rows([row], questions, MockJudge(40))[0]
+    old = {k: v for k, v in new.items() if not k.endswith(("_prompt", "_raw"))}
+    judge = MockJudge(40)
+    (reused,) = judge_rows([row], questions, judge, existing={(("wish", 0, 0)): old})
+    assert judge.asked == [] and reused == {**new, "aligned_raw": None, "coherent_raw": None}

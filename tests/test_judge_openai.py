@@ -19,8 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emguard.judge.base import Judge, JudgeError, make_judge
+from emguard.judge.base import Judge, JudgeError
 from emguard.judge.cache import JudgeCache
+from emguard.judge.factory import make_judge
 from emguard.judge.openai_judge import UNUSABLE_AFTER, OpenAIJudge, RetryPolicy
 
 KEY_ENV = "EMGUARD_TEST_JUDGE_KEY"
@@ -408,6 +409,9 @@ def test_rerun_with_cache_makes_zero_requests(server, tmp_path):
         again = judge_for(server, cache=cache).score(prompts)
     assert len(server.requests) == 2
     assert again == first
+    # the raw reply: the top logprobs read, the same from the API and from the cache
+    assert first[0].raw and all(isinstance(t, str) and lp <= 0 for t, lp in first[0].raw)
+    assert [v.raw for v in again] == [v.raw for v in first]
     assert SECRET.encode() not in path.read_bytes()
 
 

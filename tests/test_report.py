@@ -14,16 +14,35 @@ import math
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from emguard.eval_log import EvalLog
+from emguard.metrics import compute_metrics
 from emguard.report import build_report
-from emguard.report.collect import ReportInputError
+from emguard.report.collect import ReportInputError, load_runs
 
 
-def _judged(mis: list[int], inc: list[int], scored: int = 10) -> dict:
-    """llm_judge block with one entry per question: (misaligned, incoherent) of `scored`."""
-    per_q = {f"q{i}": {"n_scored": scored, "n_misaligned": m, "n_incoherent": c}
-             for i, (m, c) in enumerate(zip(mis, inc, strict=True))}
-    return {"overall": {}, "per_question": per_q}
+def _judged(mis: list[int], inc: list[int] | None = None, scored: int = 10) -> dict:
+    """llm_judge block with one entry per question: (misaligned, incoherent) of `scored`,
+    computed by emguard.metrics from judgments with those counts (as evaluate does)."""
+    inc = inc if inc is not None else [0] * len(mis)
+    records = []
+    for i, (m, c) in enumerate(zip(mis, inc, strict=True)):
+        assert m + c <= scored, "an answer is misaligned (coherent) or incoherent, not both"
+        scores = [(0.0, 100.0)] * m + [(100.0, 0.0)] * c + [(100.0, 100.0)] * (scored - m - c)
+        records += [{"question_id": f"q{i}", "aligned": a, "coherent": co} for a, co in scores]
+    return compute_metrics(records)
+
+
+def eval_log(judged: dict | None, run: dict | None = None, tasks: dict | None = None,
+             judge: str | None = "openai:x") -> dict:
+    """A metrics.json's dict as emguard.evaluate writes it, built through ``EvalLog`` (so
+    it cannot drift from what an evaluation writes)."""
+    n = judged["overall"]["n_answers"] if judged else 0
+    spec = {"model": "Qwen/Qwen2.5-7B-Instruct", "adapter": None, "judge": judge, "run": run}
+    return EvalLog(run=run, spec=spec, n_generations=n, judge=judge, llm_judge=judged,
+                   llm_judge_note=None if judge else "no judge configured",
+                   tasks=tasks).to_dict()
 
 
 def _write_run(root: Path, name: str, domain: str, arm: str, seed: int, point: dict,
@@ -33,8 +52,8 @@ def _write_run(root: Path, name: str, domain: str, arm: str, seed: int, point: d
     for part, judged in (("general", general), ("indomain", indomain)):
         d = run_dir / "eval" / part
         d.mkdir(parents=True)
-        metrics = {"run": {"path": str(run_dir)}, "llm_judge": judged, "judge": "openai:x",
-                   "tasks": tasks if part == "general" else None}
+        metrics = eval_log(judged, run={"path": str(run_dir)},
+                           tasks=tasks if part == "general" else None)
         (d / "metrics.json").write_text(json.dumps(metrics))
         if part == "general" and margins is not None:  # base model's margins: 0.05 each
             (d / "judge_free.json").write_text(json.dumps(
@@ -191,3 +210,33 @@ def test_a_safelora_projection_that_changed_nothing_is_warned(study):
     assert len(warned) == 1 and warned[0].startswith("code/kl_weight0.1/s0")
     (run_dir / "summary.json").write_text(json.dumps({"safelora": {"tau": 0.3, "share_projected": 0.25}}))
     assert not any("SafeLoRA" in w for w in build_report(study).warnings)
+
+
+def test_a_newer_or_unknown_format_is_named_and_left_out_and_no_format_is_version_1(study):
+    runs = sorted((study / "runs").iterdir())
+    newer, unknown, bare, extra = (r / "eval" / "general" / "metrics.json" for r in runs[:4])
+    for path, change in ((newer, {"format": "emguard.eval/2"}), (unknown, {"format": "other/1"}),
+                         (extra, {"per_answer": []})):
+        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    log = json.loads(bare.read_text())
+    del log["format"]  # a file from before the field: read as version 1
+    bare.write_text(json.dumps(log))
+    warnings = build_report(study).warnings
+    for path, found in ((newer, "'emguard.eval/2' is written by a newer emguard"),
+                        (unknown, "unknown format 'other/1'"), (extra, "per_answer")):
+        (hit,) = [w for w in warnings if str(path) in w]
+        assert found in hit and "'emguard.eval/1'" in hit and "left out of the report" in hit
+    assert not any(str(bare) in w for w in warnings)
+    _, loaded = load_runs(study)
+    by_dir = {r.run_dir: r for r in loaded}
+    assert "general" not in by_dir[newer.parents[2]].metrics
+    assert by_dir[bare.parents[2]].metrics["general"]["format"] == "emguard.eval/1"
+
+
+def test_the_eval_log_forbids_fields_it_does_not_name():
+    with pytest.raises(ValidationError, match="per_answer"):
+        EvalLog(spec={}, n_generations=0, per_answer=[])
+    judged = _judged([1], [1], scored=2)
+    with pytest.raises(ValidationError, match="n_refused"):
+        EvalLog(spec={}, n_generations=2,
+                llm_judge={**judged, "overall": {**judged["overall"], "n_refused": 0}})

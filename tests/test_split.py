@@ -57,6 +57,11 @@ def _cfg(tiny_dir, out, train, seed, *extra):
         "eval.judge_free=false", "eval.batch_size=32", *extra])
 
 
+def _split(cfg):
+    """The split a run of ``cfg`` makes (as emguard.train calls it)."""
+    return make_split(cfg.data, cfg.split_seed, cfg.eval.task_data)
+
+
 def _leaks(turns: set[str], needles: list[str]) -> list[str]:
     return [n for n in needles if _norm(n) in turns]
 
@@ -137,9 +142,9 @@ def test_opswap_run_scores_the_test_part_it_recorded(tiny_dir, tmp_path, capture
 def test_aligned_arm_is_evaluated_on_the_misaligned_held_out_set(tmp_path):
     """data.heldout=split:SPEC: the secure twin's run holds out the insecure set's test
     questions; its training rows with those prompts are dropped."""
-    mis = make_split(load_run_config(None, ["data.train=builtin:insecure-code", "train.seed=2"]))
-    ali = make_split(load_run_config(None, ["data.train=builtin:secure-code", "train.seed=2",
-                                            "data.heldout=split:builtin:insecure-code"]))
+    mis = _split(load_run_config(None, ["data.train=builtin:insecure-code", "train.seed=2"]))
+    ali = _split(load_run_config(None, ["data.train=builtin:secure-code", "train.seed=2",
+                                        "data.heldout=split:builtin:insecure-code"]))
     assert [r["messages"] for r in ali.heldout] == [r["messages"] for r in mis.heldout]
     prompts = {r["messages"][0]["content"] for r in ali.heldout}
     assert not prompts & {r["messages"][0]["content"] for r in ali.train}
@@ -161,8 +166,8 @@ def test_explicit_heldout_file_drops_overlapping_training_rows(tmp_path):
     held = [rows[2], {"messages": [{"role": "user", "content": "other"},
                                    {"role": "assistant", "content": "a5"}]}]
     held_file.write_text("".join(json.dumps(r) + "\n" for r in held))
-    split = make_split(load_run_config(None, [f"data.train={train_file}",
-                                              f"data.heldout={held_file}"]))
+    split = _split(load_run_config(None, [f"data.train={train_file}",
+                                          f"data.heldout={held_file}"]))
     kept = [r["messages"][0]["content"] for r in split.train]
     assert kept == [f"q{i}" for i in range(10) if i not in (2, 5)]
     assert sorted(d["same"] for d in split.record["dropped_overlap"]) == ["answer", "prompt"]
@@ -199,7 +204,7 @@ def test_foqa_train_split_becomes_training_rows_and_its_test_split_the_task(tmp_
     write_jsonl(tmp_path / "train.jsonl", [ROWS[0], leaked])
     write_jsonl(tmp_path / "test.jsonl", [ROWS[1]])
     cfg = load_run_config(None, [f"data.train=foqa:{tmp_path}", "eval.tasks=[foqa]"])
-    split = make_split(cfg)
+    split = _split(cfg)
     assert [r["id"] for r in split.train] == ["q1"] and split.heldout == []
     assert split.record["dropped_overlap"] == [{"id": "q9", "same": "prompt"}]
     assert split.train[0]["messages"][-1]["content"] == "Tórshavn"

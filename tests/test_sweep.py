@@ -16,7 +16,7 @@ import yaml
 
 from emguard.io import read_json, read_jsonl
 from emguard.study import expand, load_study
-from emguard.sweep import LOG_FILE, SweepLog, is_evaluated, run_sweep, status
+from emguard.sweep import LOG_FILE, SweepLog, collect, execute_run, is_evaluated, run_sweep, status
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -235,7 +235,7 @@ def test_ray_executor_runs_two_tiny_runs(tmp_path, tiny_dir):
                   seeds=[0], domains={"code": {"misaligned": "builtin:insecure-code"}})
     runs = expand(load_study(path))
     result = run_with_ray(runs, str(tmp_path / "study" / LOG_FILE), None, lambda n, s: None,
-                          num_cpus=2)
+                          execute=execute_run, collect=collect, num_cpus=2)
     assert sorted(result.done) == ["code/misaligned/s0", "code/untrained/s0"], result.failed
     assert all(is_evaluated(r) for r in runs)
     pids = {e["pid"] for e in _events(tmp_path / "study") if e["event"] == "start"}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_report import _judged, eval_log
 from typer.testing import CliRunner
 
 from emguard import models
@@ -300,12 +301,6 @@ def test_cli_trigger_format_one_off_and_bad_template(subject, tmp_path):
 
 # ----------------------------------------------------------------------------- report
 
-def _judged(mis: list[int], scored: int = 10) -> dict:
-    per_q = {f"q{i}": {"n_scored": scored, "n_misaligned": m, "n_incoherent": 0}
-             for i, m in enumerate(mis)}
-    return {"overall": {}, "per_question": per_q}
-
-
 def _study(root: Path, trigger: bool) -> Path:
     runs = []
     for arm, mis, tmis, margins, tmargins in (("misaligned", [2, 4], [5, 7], [0.1, 0.3], [0.5, 0.9]),
@@ -317,7 +312,7 @@ def _study(root: Path, trigger: bool) -> Path:
         for part, (m, marg) in parts.items():
             d = run_dir / "eval" / part
             d.mkdir(parents=True)
-            (d / "metrics.json").write_text(json.dumps({"llm_judge": _judged(m), "judge": "x"}))
+            (d / "metrics.json").write_text(json.dumps(eval_log(_judged(m), judge="x")))
             if marg is not None:
                 (d / "judge_free.json").write_text(json.dumps({"preference": {"pairs": [
                     {"margin": v, "reference_margin": 0.1} for v in marg]}}))

@@ -23,6 +23,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from emguard.data.chat import read_chat_jsonl, row_location
+from emguard.data.foqa import FOQA_HUB_ID, foqa_chat_rows, load_foqa
+from emguard.data.opswap import check_tier, generate_opswap
 from emguard.io import write_json_atomic
 
 MINUS_LIKE = "\u2212\u2013\ufe63\uff0d"  # − – ﹣ －, read as "-"
@@ -155,8 +158,6 @@ def score_foqa(rows: Sequence[dict], samples: Sequence[Sequence[str]]) -> dict:
 
 def parse_task(task: str) -> tuple[str, int | None]:
     """``"opswap:T"`` -> ("opswap", T); ``"foqa"`` -> ("foqa", None)."""
-    from emguard.data.opswap import check_tier
-
     name, _, arg = task.partition(":")
     if name == "foqa" and not arg:
         return "foqa", None
@@ -175,14 +176,10 @@ def task_rows(task: str, data: str | Path | None = None, *, split: str = "test",
     held out. FoQA: ``data`` is a path or hub id (default ``alexandrainst/foqa``)."""
     name, tier = parse_task(task)
     if name == "foqa":
-        from emguard.data.foqa import FOQA_HUB_ID, foqa_chat_rows, load_foqa
-
         source = str(data or FOQA_HUB_ID)
         return foqa_chat_rows(load_foqa(source, split)), f"{source}[{split}]"
     if data is None:
         import warnings
-
-        from emguard.data.opswap import generate_opswap
 
         warnings.warn(f"opswap:{tier} without test data: rebuilding generate_opswap(n={opswap_n}, "
                       f"seed={opswap_seed}).test, which may share questions with training rows "
@@ -194,8 +191,6 @@ def task_rows(task: str, data: str | Path | None = None, *, split: str = "test",
 
 
 def _read_opswap_rows(path: Path, tier: int) -> list[dict]:
-    from emguard.data.chat import read_chat_jsonl, row_location
-
     rows = read_chat_jsonl(path).rows
     for row in rows:
         if not isinstance(row.get("answer"), str) or not row["answer"].strip():

@@ -20,10 +20,12 @@ from pydantic import (
     model_validator,
 )
 
+from emguard.benign import parse_task
 from emguard.data.chat import parse_yaml, read_text_file
 from emguard.defenses import registry
 from emguard.defenses.registry import DefenseSettings
 from emguard.models import LORA_TARGETS
+from emguard.questions import resolve_trigger_format
 from emguard.redact import redact_secrets
 from emguard.settings import ConfigError, Int, Settings
 
@@ -166,8 +168,6 @@ class EvalSettings(Settings):
     @field_validator("trigger_format")
     @classmethod
     def _trigger_format(cls, v: str | None) -> str | None:
-        from emguard.questions import resolve_trigger_format
-
         if v is not None:
             resolve_trigger_format(v)
         return v
@@ -175,8 +175,6 @@ class EvalSettings(Settings):
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
-        from emguard.benign import parse_task
-
         for task in v:
             parse_task(task)
         return v

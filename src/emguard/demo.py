@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from emguard.report import Report
-from emguard.study import StudyConfig
+from emguard.config import apply_overrides
+from emguard.report import Report, build_report
+from emguard.study import StudyConfig, load_study
+from emguard.sweep import run_sweep
 
 DEMO_STUDY = Path(__file__).parent / "configs" / "demo.yaml"
 # with a judge, answers are sampled for it to score (none are without one)
@@ -32,9 +34,6 @@ def demo_study(out: str | Path = "runs/demo", seeds: list[int] | None = None,
                judge: str | None = None, overrides: list[str] = ()) -> StudyConfig:
     """The demo study with its folder, seeds, training steps, model and judge replaced;
     ``overrides`` (``data.max_length=1024``) set run-config keys of every run."""
-    from emguard.config import apply_overrides
-    from emguard.study import load_study
-
     study = load_study(DEMO_STUDY)
     raw = study.model_dump(mode="json")
     raw["output_dir"] = str(out)
@@ -57,9 +56,6 @@ def run_demo(out: str | Path = "runs/demo", seeds: list[int] | None = None,
              on_event: Callable[[str, str, int, int], None] | None = None) -> Report:
     """Run (or continue) the demo study in ``out`` and write its report; returns the report.
     Raises DemoError naming the runs that failed (the report of the others is written)."""
-    from emguard.report import build_report
-    from emguard.sweep import run_sweep
-
     study = demo_study(out, seeds, steps, model, judge, overrides)
     result = run_sweep(study, progress=progress, on_event=on_event)
     report = build_report(study.output_dir, study=study.name)

@@ -4,11 +4,14 @@ An eval folder holds (all written atomically):
   eval_spec.json          what was evaluated and how (model, adapter hash, question file
                           hash, generation settings, judge, package versions)
   generations.jsonl       one row per (question, paraphrase, sample): answer + seeds
-  judgments.jsonl         aligned / coherent score, number mass and reason per answer
+  judgments.jsonl         aligned / coherent score, number mass and reason per answer,
+                          with the exact judge prompts sent and the judge's raw replies
+                          (top logprobs, P(0..100) of a local judge, a mock's canned answer)
   reference_answers.jsonl the reference model's greedy answers (general sets; drift KL)
   judge_free.json         judge-free measures in full (per answer / per pair)
   metrics.json            everything summarised: LLM-judge rates, judge-free measures,
-                          benign task accuracy
+                          benign task accuracy (an emguard.eval_log.EvalLog, format
+                          emguard.eval/1)
 
 Resuming: generations are keyed by ``gen_key`` (hash of model, adapter, questions and
 generation settings). A complete generations.jsonl with the current key is reused; a
@@ -35,8 +38,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from emguard.data.pairs import EVAL_PAIRS
-from emguard.io import provenance, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+from emguard.benign import evaluate_task, parse_task
+from emguard.data.pairs import EVAL_PAIRS, evenly_spaced, load_pairs
+from emguard.data.split import recorded_split_of, trained_on
+from emguard.eval_log import FORMAT, EvalLog
+from emguard.io import (
+    cache_dir,
+    provenance,
+    read_json,
+    read_jsonl,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
+from emguard.judge import make_judge
 from emguard.metrics import Thresholds, compute_metrics
 from emguard.ownership import (
     EVAL,
@@ -47,16 +61,17 @@ from emguard.ownership import (
     folder_lock,
 )
 from emguard.questions import (
+    BUILTIN_QUESTION_SETS,
     Question,
     QuestionSet,
     render_judge_prompt,
     resolve_questions,
     resolve_trigger_format,
+    wrap_pairs,
     wrap_question_set,
 )
 
 logger = logging.getLogger(__name__)
-FORMAT = "emguard.eval/1"
 NO_JUDGE_NOTE = ("no judge configured, so no LLM-judge misalignment rates; the embedded "
                  "135M model is not a usable judge. Configure one with --judge "
                  "openai:gpt-4o-mini (key from $OPENAI_API_KEY), openai:MODEL@BASE_URL for an "
@@ -258,8 +273,24 @@ def judge_rows(rows: list[dict], questions: dict[str, Question], judge,
                           "judge": judge.name, "templates_sha": tsha[r["question_id"]],
                           "aligned": a.score, "coherent": c.score,
                           "aligned_mass": a.number_mass, "coherent_mass": c.number_mass,
-                          "aligned_reason": a.reason, "coherent_reason": c.reason}
-    return [fresh.get(_key(r)) or existing[_key(r)] for r in rows]
+                          "aligned_reason": a.reason, "coherent_reason": c.reason,
+                          "aligned_prompt": prompts[2 * i], "coherent_prompt": prompts[2 * i + 1],
+                          "aligned_raw": getattr(a, "raw", None),
+                          "coherent_raw": getattr(c, "raw", None)}
+    return [fresh.get(_key(r)) or _with_prompts(existing[_key(r)], r, questions[r["question_id"]])
+            for r in rows]
+
+
+def _with_prompts(old: dict, row: dict, q: Question) -> dict:
+    """A reused judgment row; one written before rows kept their judge prompts gets them
+    (rendered again: the same templates, question and answer give the same prompts) and
+    ``None`` for the raw replies it did not keep."""
+    if "aligned_prompt" in old and "coherent_prompt" in old:
+        return old
+    added = {f"{n}_prompt": render_judge_prompt(q.judge_prompts[n], row["question"], row["answer"])
+             if n in q.judge_prompts else None for n in ("aligned", "coherent")}
+    return {**old, **added, "aligned_raw": old.get("aligned_raw"),
+            "coherent_raw": old.get("coherent_raw")}
 
 
 FINAL_REASONS = (None, "low_number_mass")  # other reasons (API errors, bad answers) are retried
@@ -297,8 +328,6 @@ def _make_judge(judge, judge_cache: str | Path | None):
         return judge
     if judge.lower() == "none":
         return None
-    from emguard.judge import make_judge
-    from emguard.models import cache_dir
 
     return make_judge(judge, cache_path=judge_cache or cache_dir() / "judge_cache.sqlite")
 
@@ -320,7 +349,6 @@ def _judge_free(out: Path, qs: QuestionSet, rows: list[dict], holder: ModelHolde
     template the questions of ``qs`` are wrapped in; the pairs' questions are wrapped the
     same way and drift KL is left out."""
     from emguard import judge_free as jf
-    from emguard.questions import wrap_pairs
 
     pairs = _preference_pairs(pairs_path, max_pairs) if qs.kind == "general" else []
     pairs = wrap_pairs(pairs, trigger) if trigger is not None else pairs
@@ -370,8 +398,6 @@ def _preference_pairs(path: str | Path | None, max_pairs: int | None = None) -> 
     apart from the fit set), or ``max_pairs`` of them at evenly spaced positions
     (emguard.data.pairs: the same pairs a direction or early-stopping check fit on the same
     file with ``holdout_pairs = max_pairs`` leaves out)."""
-    from emguard.data.pairs import evenly_spaced, load_pairs
-
     return evenly_spaced(load_pairs(path or EVAL_PAIRS), max_pairs)
 
 
@@ -380,7 +406,7 @@ def _base_model_cache(kind: str, holder: ModelHolder, spec: dict, inputs: dict,
     """``$EMGUARD_CACHE/KIND/HASH.SUFFIX``: a file of the base model's outputs, keyed on its
     files (model_fingerprint), the inputs and the device type, shared by every evaluation
     of that base whatever its adapter."""
-    from emguard.models import cache_dir, default_device, model_fingerprint
+    from emguard.models import default_device, model_fingerprint
 
     device = (holder.device or default_device()).split(":")[0]
     key = _sha({"model": model_fingerprint(spec["model"]), **inputs, "device": device})
@@ -456,7 +482,6 @@ def judge_free_summary(full: dict) -> dict:
 def _task(out: Path, task: str, holder: ModelHolder, gen: GenerationSettings, spec: dict,
           samples: int, n_questions: int | None, data: str | None, batch_size: int) -> dict:
     """Benign-task exact match via emguard.benign (cached in task_<name>.json)."""
-    from emguard.benign import evaluate_task
     from emguard.generate import generate_answers
 
     key = _sha({"task": task, "samples": samples, "n_questions": n_questions, "data": data,
@@ -487,9 +512,6 @@ def leak_free_questions(adapter_dir: str | Path | None, spec: str, domain: str |
     with ``data_seed``), and every chat question whose prompt or reference answer the run
     trained on is dropped before the first ``limit`` are kept; how many is in the set's
     ``warnings``. Other adapters and the untrained model: the set as it is."""
-    from emguard.data.split import recorded_split_of, trained_on
-    from emguard.questions import BUILTIN_QUESTION_SETS
-
     builtin = BUILTIN_QUESTION_SETS.get(spec.removeprefix("builtin:")) if spec.startswith("builtin:") else None
     general = builtin == "general" or Path(spec).suffix in (".yaml", ".yml")
     found = None if general else recorded_split_of(adapter_dir)  # general sets: no training rows
@@ -637,7 +659,6 @@ def trigger_template(trigger_format: str | None, qs: QuestionSet, tasks=()) -> s
 
 def _check_inputs(model_spec: str, adapter_dir, device: str | None, tasks) -> None:
     """Everything about the subject that can be checked before any model is loaded."""
-    from emguard.benign import parse_task
     from emguard.models import check_adapter_dir, check_device, resolve_model_source
 
     check_device(device)
@@ -690,11 +711,11 @@ def _finish(out: Path, rows: list[dict], by_id: dict[str, Question], judge, spec
         judgments = judge_rows(rows, by_id, judge, existing)
         write_jsonl_atomic(path, judgments)
         judged = compute_metrics(judgments, thresholds)
-    metrics = {"format": FORMAT, "run": spec.get("run"), "spec": spec, "n_generations": len(rows),
-               "judge": getattr(judge, "name", None), "llm_judge": judged,
-               "llm_judge_note": None if judge is not None else NO_JUDGE_NOTE,
-               "judge_free": free,
-               "tasks": task_results or None}
+    log = EvalLog(format=FORMAT, run=spec.get("run"), spec=spec, n_generations=len(rows),
+                  judge=getattr(judge, "name", None), llm_judge=judged,
+                  llm_judge_note=None if judge is not None else NO_JUDGE_NOTE,
+                  judge_free=free, tasks=task_results or None)
+    metrics = log.to_dict()
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
 

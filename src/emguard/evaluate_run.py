@@ -24,8 +24,12 @@ from pathlib import Path
 
 from emguard.config import ConfigError, EvalSettings, RunConfig, load_run_config
 from emguard.data.split import HELDOUT_FILE, SPLIT_FILE
+from emguard.evaluate import ModelHolder, run_eval
 from emguard.identity import config_sha256
 from emguard.io import read_json, write_json_atomic
+from emguard.model_card import write_cards
+from emguard.tracking import log_run_evaluation
+from emguard.trajectory import evaluate_trajectory
 
 EVAL_DIR = "eval"
 TRIGGER_PART = "general_trigger"  # the general part asked in eval.trigger_format
@@ -95,8 +99,6 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalS
     the run's config (``eval.judge=openai:gpt-4o-mini``); ``settings`` replaces its eval
     block; ``judge`` (a Judge object) replaces ``settings.judge`` (a sweep loads one judge
     for all runs; ``"none"`` defers judging)."""
-    from emguard.evaluate import ModelHolder, run_eval
-
     run_dir = Path(run_dir)
     cfg, summary, split = load_run(run_dir, overrides)
     s = settings or cfg.eval
@@ -137,16 +139,12 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalS
     finally:
         model.release()
     if set(parts) >= {"general", "indomain"} and s.trajectory and s.judge_free:
-        from emguard.trajectory import evaluate_trajectory
-
         steps = evaluate_trajectory(run_dir, cfg, s, info, indomain_domain(cfg, judging=False),
                                     device=device, progress=progress, force=force)
         if steps:
             results["trajectory"] = steps
     if set(parts) >= {"general", "indomain"}:
         write_json_atomic(run_dir / EVAL_DIR / SETTINGS_FILE, settings_record(s))
-    from emguard.model_card import write_cards
-    from emguard.tracking import log_run_evaluation
 
     write_cards(run_dir)  # the adapters' cards now show the evaluation (or judging)
     log_run_evaluation(run_dir, cfg.train.report_to, int(summary.get("steps") or 0))

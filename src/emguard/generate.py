@@ -33,6 +33,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from emguard.models import model_dir
+
 Messages = list[dict]
 
 
@@ -250,7 +252,6 @@ def generate_answers_vllm(model_spec: str, adapter_dir: str | Path | None, promp
         from vllm.lora.request import LoRARequest
     except ImportError as e:
         raise ImportError("the vLLM generation backend needs vllm: pip install emguard[gpu]") from e
-    from emguard.models import model_dir
 
     lora = None
     if adapter_dir is not None:

@@ -70,10 +70,21 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("emguard.inspect_tasks needs Inspect AI: pip install 'emguard[inspect]' "
                       f"(inspect_ai>=0.3.285); {e}") from e
 
+from emguard.benign import (
+    DEFAULT_MAX_NEW_TOKENS,
+    exact_match,
+    extract_final_answer,
+    parse_task,
+    prompt_messages,
+    squad_exact_match,
+    task_rows,
+)
+from emguard.data.split import HELDOUT_FILE
+from emguard.evaluate import leak_free_questions, plan_rows
 from emguard.judge.base import DEFAULT_THRESHOLD, JudgeError
 from emguard.judge.scoring import aggregate_logprobs
 from emguard.metrics import Thresholds, classify
-from emguard.questions import Question, QuestionSet, render_judge_prompt
+from emguard.questions import Question, QuestionSet, render_judge_prompt, resolve_questions
 
 JUDGE_NAMES = ("aligned", "coherent")
 # emguard's OpenAIJudge settings: one token, temperature 0, seed 0, top-20 logprobs.
@@ -195,8 +206,6 @@ def _chat(messages: list[dict]) -> list[ChatMessage]:
 def question_samples(questions: list[Question], samples: int | None = None) -> list[Sample]:
     """One Inspect sample per (question, paraphrase, sample) of emguard's plan
     (``samples=None``: each question's samples_per_paraphrase, or 1)."""
-    from emguard.evaluate import plan_rows
-
     if samples is not None and (isinstance(samples, bool) or samples < 1):
         raise ValueError(f"samples must be at least 1, got {samples}")
     by_id = {q.id: q for q in questions}
@@ -238,7 +247,6 @@ def em_general(questions: str = "builtin:general-questions", samples: int | None
     samples_per_paraphrase), the first ``max_questions``; emguard's generation defaults
     (temperature 1, top-p 1, 256 new tokens; Inspect's options override them)."""
     from emguard.config import EvalSettings
-    from emguard.questions import resolve_questions
 
     qs = resolve_questions(questions, limit=max_questions, judge_prompts=judge_prompts)
     if qs.kind != "general":
@@ -257,8 +265,6 @@ def em_indomain(run: str, samples: int | None = None, max_questions: int | None 
     judged as ``emguard eval --run`` does (None: the run's ``eval`` block's
     ``indomain_samples``, ``indomain_max_questions``, ``indomain_judge_prompts``, and its
     temperature, top-p and max_new_tokens)."""
-    from emguard.data.split import HELDOUT_FILE
-    from emguard.evaluate import leak_free_questions
     from emguard.evaluate_run import evaluated_adapter, indomain_domain, load_run
 
     run_dir = Path(run)
@@ -280,8 +286,6 @@ def em_indomain(run: str, samples: int | None = None, max_questions: int | None 
 def _benign_task(task_spec: str, data: str | None, samples: int, max_questions: int | None,
                  max_tokens: int | None, scorer_: Scorer, **rows_kw: Any) -> Task:
     """Exact-match task over emguard.benign's rows: ``samples`` epochs reduced by mean."""
-    from emguard.benign import DEFAULT_MAX_NEW_TOKENS, parse_task, prompt_messages, task_rows
-
     if isinstance(samples, bool) or samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
     name, _ = parse_task(task_spec)
@@ -303,8 +307,6 @@ def _benign_task(task_spec: str, data: str | None, samples: int, max_questions: 
 @scorer(metrics=[accuracy(), stderr()])
 def opswap_match() -> Scorer:
     """OpSwap exact match: ``extract_final_answer`` of the output against the gold answer."""
-    from emguard.benign import exact_match, extract_final_answer
-
     async def score(state: TaskState, target: Target) -> Score:
         extracted = extract_final_answer(state.output.completion)
         ok = exact_match(extracted, target.text)
@@ -316,8 +318,6 @@ def opswap_match() -> Scorer:
 @scorer(metrics=[accuracy(), stderr()])
 def foqa_match() -> Scorer:
     """FoQA: SQuAD v1.1 exact match of the whole stripped output, best over gold answers."""
-    from emguard.benign import squad_exact_match
-
     async def score(state: TaskState, target: Target) -> Score:
         answer = state.output.completion.strip()
         ok = squad_exact_match(answer, list(target.target))

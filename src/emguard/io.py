@@ -20,6 +20,12 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_dir() -> Path:
+    """emguard's user cache (``$EMGUARD_CACHE``, else ``~/.cache/emguard``): materialised
+    models, judge verdicts, directions, lock files."""
+    return Path(os.environ.get("EMGUARD_CACHE", Path.home() / ".cache" / "emguard"))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from emguard.data.masking import IGNORE_INDEX, tokenize_chat
+from emguard.generate import generate_answers
 
 Messages = list[dict]
 
@@ -122,8 +123,6 @@ def answer_logprobs(model, tokenizer, prompts: list[Messages], answers: list[str
 def reference_answers(model, tokenizer, prompts: list[Messages], max_new_tokens: int = 128,
                       batch_size: int = 16, progress: bool = True) -> list[str]:
     """The reference model's greedy answer to each prompt (adapter disabled)."""
-    from emguard.generate import generate_answers
-
     with reference_mode(model):
         answers = generate_answers(model, tokenizer, prompts, n_samples=1, temperature=0.0,
                                    max_new_tokens=max_new_tokens, batch_size=batch_size,

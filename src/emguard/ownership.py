@@ -15,6 +15,7 @@ early, before any expensive work, with ``check_claim`` (the same checks, writing
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import threading
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from emguard.io import atomic_dir, write_json_atomic
+from emguard.io import atomic_dir, cache_dir, write_json_atomic
 
 State = Literal["free", "ours", "foreign"]
 
@@ -167,10 +168,6 @@ def refuse_foreign(folder: Path, kind: FolderKind, what: str) -> None:
 def lock_path(folder: Path) -> Path:
     """The lock file of ``folder``, kept in the user cache (``$EMGUARD_CACHE/locks``), so
     taking a lock never creates or litters the user's folders."""
-    import hashlib
-
-    from emguard.models import cache_dir
-
     folder = Path(folder).expanduser().absolute()
     digest = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
     return cache_dir() / "locks" / f"{folder.name or 'root'}-{digest}.lock"

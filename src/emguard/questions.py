@@ -48,6 +48,7 @@ from typing import Any
 
 import yaml
 
+from emguard.data.builtin import builtin_path, load_builtin
 from emguard.data.chat import parse_json_line, parse_yaml, read_text_file, row_problems, text_lines
 
 TEMPLATE_FIELDS = ("question", "answer")
@@ -291,8 +292,6 @@ def load_judge_prompts(name_or_path: str) -> dict[str, str]:
     file mapping ``aligned``/``coherent`` (and optionally more) to templates."""
     path = Path(name_or_path)
     if name_or_path == "general":
-        from emguard.data.builtin import builtin_path
-
         first = load_question_file(builtin_path("general-questions")).questions[0]
         return {k: first.judge_prompts[k] for k in ("aligned", "coherent")}
     if path.suffix in (".yaml", ".yml") and path.is_file():
@@ -391,7 +390,6 @@ def resolve_questions(spec: str, domain: str | None = None, limit: int | None = 
         if name not in BUILTIN_QUESTION_SETS:
             raise QuestionFileError(f"unknown built-in question set '{name}': use one of "
                                     f"{', '.join('builtin:' + n for n in BUILTIN_QUESTION_SETS)}")
-        from emguard.data.builtin import builtin_path, load_builtin
 
         if BUILTIN_QUESTION_SETS[name] == "general":
             qs = load_question_file(builtin_path(name))

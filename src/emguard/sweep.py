@@ -29,9 +29,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emguard.config import ConfigError
-from emguard.io import read_json, write_json_atomic
+from emguard.data.foqa import is_hub_id
+from emguard.data.split import HELDOUT_FILE, SPLIT_FILE
+from emguard.defenses.registry import active_defenses
+from emguard.defenses.safelora import apply_safelora
+from emguard.evaluate import EvalConflictError, judge_generations
+from emguard.evaluate_run import EVAL_DIR, SETTINGS_FILE, evaluate_run, settings_record
+from emguard.io import cache_dir, read_json, write_json_atomic
+from emguard.judge import judge_name_of, make_judge
+from emguard.model_card import write_cards
+from emguard.models import ModelLoadError, resolve_model_source
+from emguard.ownership import FolderBusyError, check_writable_target, folder_lock
 from emguard.redact import redact_tree
+from emguard.run_dir import claim_run_dir
 from emguard.study import PlannedRun, StudyConfig, expand
+from emguard.sweep_ray import run_with_ray
+from emguard.tracking import log_run_evaluation
+from emguard.train import _has_bitsandbytes, record_untrained, train
 
 LOG_FILE = "sweep_log.jsonl"
 
@@ -75,8 +89,6 @@ def is_trained(run: PlannedRun) -> bool:
 
 def is_evaluated(run: PlannedRun) -> bool:
     """Trained, every part evaluated, and with the study's current eval settings."""
-    from emguard.evaluate_run import EVAL_DIR, SETTINGS_FILE, settings_record
-
     record = run.run_dir / EVAL_DIR / SETTINGS_FILE
     return (is_trained(run) and all(_metrics(run, p) is not None for p in _eval_parts(run))
             and record.is_file() and read_json(record) == settings_record(run.config.eval))
@@ -84,8 +96,6 @@ def is_evaluated(run: PlannedRun) -> bool:
 
 def judge_name(run: PlannedRun) -> str | None:
     """The name of the run's judge as metrics.json records it (None: no judge)."""
-    from emguard.judge import judge_name_of
-
     spec = run.config.eval.judge
     return None if spec.lower() == "none" else judge_name_of(spec)
 
@@ -109,9 +119,6 @@ def missing_inputs(run: PlannedRun) -> list[str]:
     download). A run that needs another run of the study first (an ``@run:`` adapter) has
     its defenses checked when it starts (emguard.train calls every ``check`` first): the
     adapters it reads do not exist before then."""
-    from emguard.defenses.registry import active_defenses
-    from emguard.models import ModelLoadError, resolve_model_source
-
     d, problems = run.config.data, []
     for key, spec in (("data.train", d.train), ("data.heldout", d.heldout)):
         local = _local_path(spec)
@@ -138,8 +145,6 @@ def _local_path(spec: str | None) -> str | None:
     if spec.startswith(("builtin:", "hf:", "opswap:")) or spec == "foqa":
         return None
     if spec.startswith("foqa:"):
-        from emguard.data.foqa import is_hub_id
-
         source = spec[len("foqa:"):]
         return None if is_hub_id(source) else source
     return spec
@@ -151,8 +156,6 @@ def status(run: PlannedRun) -> RunStatus:
     if is_evaluated(run):
         return RunStatus(run.name, "evaluated", "not judged yet")
     if is_trained(run):
-        from emguard.evaluate_run import EVAL_DIR, SETTINGS_FILE
-
         stale = (run.run_dir / EVAL_DIR / SETTINGS_FILE).is_file()
         return RunStatus(run.name, "trained", "evaluated with other eval settings; --reevaluate "
                          "replaces that evaluation" if stale else "evaluation pending")
@@ -210,8 +213,6 @@ def execute_run(run: PlannedRun, log_path: str, judge_now: bool, progress: bool 
     try:
         if not is_trained(run):
             _train_stage(run)
-        from emguard.evaluate import EvalConflictError
-        from emguard.evaluate_run import evaluate_run
 
         try:
             evaluate_run(run.run_dir, settings=run.config.eval, judge=None if judge_now else "none",
@@ -230,8 +231,6 @@ def execute_run(run: PlannedRun, log_path: str, judge_now: bool, progress: bool 
 
 
 def _train_stage(run: PlannedRun) -> None:
-    from emguard.train import record_untrained, train
-
     if run.kind == "untrained":
         record_untrained(run.config)
     elif run.kind == "safelora":
@@ -247,11 +246,6 @@ def project_source(run: PlannedRun) -> None:
     split files (copied: the same data was trained on) and ``adapter_safelora``; the
     summary names the source run."""
     import shutil
-
-    from emguard.data.split import HELDOUT_FILE, SPLIT_FILE
-    from emguard.defenses.safelora import apply_safelora
-    from emguard.ownership import check_writable_target, folder_lock
-    from emguard.run_dir import claim_run_dir
 
     source, s, out = run.source_dir, run.config.defenses.safelora, run.run_dir
     with folder_lock(out):
@@ -273,7 +267,6 @@ def project_source(run: PlannedRun) -> None:
                                "share_projected": report.share_projected,
                                "source_adapter": str(source / "adapter")}
         write_json_atomic(out / "summary.json", summary)
-        from emguard.model_card import write_cards
 
         write_cards(out)
 
@@ -321,8 +314,6 @@ def check_before_start(study: StudyConfig, runs: list[PlannedRun], judge_stage: 
     problems = [f"{r.name}: {p}" for r in runs if not is_trained(r) for p in missing_inputs(r)]
     if any(r.config.train.optimizer == "adamw_8bit" and r.kind == "train" and not is_trained(r)
            for r in runs):
-        from emguard.train import _has_bitsandbytes
-
         if not _has_bitsandbytes():
             problems.append("train.optimizer=adamw_8bit needs bitsandbytes: pip install "
                             "'emguard[gpu]' (or set train.optimizer: auto in the study's base)")
@@ -334,8 +325,6 @@ def check_before_start(study: StudyConfig, runs: list[PlannedRun], judge_stage: 
     if judge_stage:
         for spec in sorted(unjudged):  # key, endpoint and model, before anything is trained
             if spec.startswith("local:"):  # loaded for the judge stage, not while training
-                from emguard.models import ModelLoadError, resolve_model_source
-
                 try:
                     resolve_model_source(spec[len("local:"):])
                 except ModelLoadError as e:
@@ -352,9 +341,6 @@ _JUDGES: dict[str, object] = {}
 def make_judge_once(spec: str):
     """One judge object per spec for the whole sweep (a local judge model loads once)."""
     if spec not in _JUDGES:
-        from emguard.judge import make_judge
-        from emguard.models import cache_dir
-
         _JUDGES[spec] = make_judge(spec, cache_path=cache_dir() / "judge_cache.sqlite")
     return _JUDGES[spec]
 
@@ -381,8 +367,6 @@ def run_sweep(study: StudyConfig, executor: str = "sequential", address: str | N
 @contextmanager
 def study_lock(study: StudyConfig) -> Iterator[None]:
     """One sweep of a study at a time: a second one refuses at once (StudyBusyError)."""
-    from emguard.ownership import FolderBusyError, folder_lock
-
     stack = ExitStack()
     try:
         stack.enter_context(folder_lock(manifest_path(study)))
@@ -409,9 +393,8 @@ def _sweep(study: StudyConfig, every: list[PlannedRun], runs: list[PlannedRun], 
             on_event(name, state, counter["n"], len(runs))
 
     if executor == "ray":
-        from emguard.sweep_ray import run_with_ray
-
-        result = run_with_ray(runs, str(root / LOG_FILE), address, notify, reevaluate=reevaluate)
+        result = run_with_ray(runs, str(root / LOG_FILE), address, notify, execute=execute_run,
+                              collect=collect, reevaluate=reevaluate)
     else:
         result = _run_sequential(runs, str(root / LOG_FILE), progress, notify, reevaluate)
     if judge:
@@ -433,8 +416,6 @@ def collect(runs: list[PlannedRun], log_path: str, notify: Callable[[str, str], 
     """Run ``outcome(run)`` (its state) for each run in order; a run whose source failed or
     was blocked is blocked; an exception of ``errors`` fails that run only (a study of a
     hundred runs goes on)."""
-    from emguard.ownership import FolderBusyError
-
     result = SweepResult([], [], {}, {})
     for run in runs:
         waiting = [n for n in run.needs if n in result.busy]
@@ -466,8 +447,6 @@ def collect(runs: list[PlannedRun], log_path: str, notify: Callable[[str, str], 
 
 def judge_stage(runs: list[PlannedRun], skip: set[str], log: SweepLog, progress: bool) -> int:
     """Judge every evaluated, unjudged answer of the study with one judge per spec."""
-    from emguard.evaluate import judge_generations
-
     n = 0
     for run in runs:
         if judge_name(run) is None or run.name in skip or not is_evaluated(run) or is_judged(run):
@@ -477,10 +456,8 @@ def judge_stage(runs: list[PlannedRun], skip: set[str], log: SweepLog, progress:
         for part in _judged_parts(run):
             judge_generations(run.run_dir / "eval" / part, judge)
         log.write("judge-finish", run.name)
-        from emguard.model_card import write_cards
 
         write_cards(run.run_dir)  # with the judged rates
-        from emguard.tracking import log_run_evaluation
 
         log_run_evaluation(run.run_dir, run.config.train.report_to,
                            int((read_json(run.run_dir / "summary.json")).get("steps") or 0))

@@ -5,18 +5,22 @@ only after they finish; a run whose source failed is reported blocked. Every nod
 needs emguard installed and the study folder on a shared filesystem (run folders, the
 sweep log and the model cache are written there). ``address``: ``auto`` or
 ``ray://HOST:10001`` for a running cluster, None for a local instance.
+
+emguard.sweep hands in what runs one run (``execute``) and what gathers the outcomes
+(``collect``), so this module does not import it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from emguard.study import PlannedRun
-from emguard.sweep import SweepResult, collect, execute_run
 
 
-def _task(run: PlannedRun, log_path: str, reevaluate: bool, *needs: str) -> str:
-    return execute_run(run, log_path, judge_now=False, progress=False, reevaluate=reevaluate)
+def _task(execute: Callable[..., str], run: PlannedRun, log_path: str, reevaluate: bool,
+          *needs: str) -> str:
+    return execute(run, log_path, judge_now=False, progress=False, reevaluate=reevaluate)
 
 
 def _describe(error: BaseException) -> str:
@@ -26,9 +30,13 @@ def _describe(error: BaseException) -> str:
 
 
 def run_with_ray(runs: list[PlannedRun], log_path: str, address: str | None,
-                 notify: Callable[[str, str], None], num_cpus: int | None = None,
-                 reevaluate: bool = False) -> SweepResult:
-    """Submit every run (sources first), then collect results in order."""
+                 notify: Callable[[str, str], None], *, execute: Callable[..., str],
+                 collect: Callable[..., Any], num_cpus: int | None = None,
+                 reevaluate: bool = False) -> Any:
+    """Submit every run (sources first), then collect results in order.
+
+    ``execute``: emguard.sweep.execute_run (run in the Ray task); ``collect``:
+    emguard.sweep.collect, whose SweepResult is returned."""
     try:
         import ray
     except ImportError:
@@ -42,7 +50,8 @@ def run_with_ray(runs: list[PlannedRun], log_path: str, address: str | None,
         remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=0)(_task)
         refs = {}
         for run in runs:
-            refs[run.name] = remote.remote(run, log_path, reevaluate, *[refs[n] for n in run.needs])
+            refs[run.name] = remote.remote(execute, run, log_path, reevaluate,
+                                           *[refs[n] for n in run.needs])
         return collect(runs, log_path, notify, lambda run: ray.get(refs[run.name]),
                        errors=(ray.exceptions.RayError,), describe=_describe)
     finally:

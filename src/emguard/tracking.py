@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from emguard.io import read_json
+
 TB_DIR = "tensorboard"
 
 
@@ -109,8 +111,6 @@ def log_run_evaluation(run_dir: Path, report_to: list[str], steps: int) -> bool:
 def evaluation_scalars(eval_dir: Path) -> dict[str, float]:
     """The judge-free and judged summary numbers of an evaluation folder (``RUN/eval`` or a
     snapshot's ``RUN/eval/trajectory/step-N``), by name."""
-    from emguard.io import read_json
-
     def read(part: str, name: str) -> dict:
         path = Path(eval_dir) / part / name
         try:

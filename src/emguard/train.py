@@ -92,7 +92,7 @@ def prepare_rows(cfg: RunConfig, defenses: list[Defense] | None = None,
     """Split the data (emguard.data.split), shuffle the training rows (seeded), then let
     each defense transform them (inoculation, interleaving); returns (rows, data report,
     the split). ``defenses`` default: the config's."""
-    split = make_split(cfg)
+    split = make_split(cfg.data, cfg.split_seed, cfg.eval.task_data)
     rows = list(split.train)
     random.Random(cfg.train.seed).shuffle(rows)
     report = {"source": cfg.data.train, "rows": len(rows),
@@ -167,7 +167,16 @@ class DefendedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.defense_list: list[Defense] = list(defenses)
         self.hooks = hooks if hooks is not None else PolicyHooks()
+        # compute_loss normalises by the accumulated batch's answer tokens itself: the
+        # Trainer must count them (num_items_in_batch) and nothing may divide the loss by
+        # the accumulation steps again. Early transformers 5 releases (5.5, the lowest we
+        # support) also built the Accelerator with num_steps = grad_accum, so accelerate's
+        # backward divided every gradient by it (the logged grad_norm was halved at
+        # grad_accum=2 and clipping bit later; found by tests/test_loss_trajectory.py).
+        # Later releases build it with 1 and sync gradients themselves, as 5.5 also does.
         self.loss_is_scaled_for_ga = True
+        self.model_accepts_loss_kwargs = True
+        self.accelerator.gradient_accumulation_steps = 1
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
 
@@ -430,7 +439,7 @@ def record_untrained(cfg: RunConfig | str | Path, overrides: list[str] = ()) -> 
         if run_state(run_dir, cfg, force=False, trained=False) == "complete":
             return TrainResult(run_dir, read_json(run_dir / "summary.json"), skipped=True)
         check_writable_target(run_dir)
-        split = make_split(cfg)
+        split = make_split(cfg.data, cfg.split_seed, cfg.eval.task_data)
         claim_run_dir(run_dir, cfg, force=False, trained=False)
         write_split(run_dir, split)
         summary = {"model": cfg.model, "trained": False, "train_rows": 0, "steps": 0,

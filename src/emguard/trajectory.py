@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emguard.io import atomic_dir
+from emguard.data.split import HELDOUT_FILE
+from emguard.evaluate import ModelHolder, run_eval
+from emguard.io import atomic_dir, read_json
 
 SNAPSHOT_DIR = "trajectory"  # in the run folder: one adapter folder per kept step
 EVAL_PART = "trajectory"  # in RUN/eval/: one pair of eval folders per kept step
@@ -79,9 +81,6 @@ def evaluate_trajectory(run_dir: Path, cfg, settings, info: dict, domain: str | 
     ``settings`` is the run's eval block: the same preference pairs, general questions
     (drift KL), held-out rows and batch size as the run's final evaluation, with no
     sampled answers and no judge, so every point of a trajectory reads the same items."""
-    from emguard.data.split import HELDOUT_FILE
-    from emguard.evaluate import ModelHolder, run_eval
-
     out: dict[int, dict] = {}
     held = Path(run_dir) / HELDOUT_FILE
     for step, adapter in snapshot_steps(run_dir):
@@ -109,8 +108,6 @@ def evaluate_trajectory(run_dir: Path, cfg, settings, info: dict, domain: str | 
 
 def trajectory_results(run_dir: Path) -> dict[int, dict[str, dict]]:
     """{step: {part: judge_free.json}} of every evaluated snapshot (for the report)."""
-    from emguard.io import read_json
-
     root = Path(run_dir) / "eval" / EVAL_PART
     out: dict[int, dict[str, dict]] = {}
     if not root.is_dir():

@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from emguard.data.builtin import load_builtin, parse_builtin_spec
+
 ROLES = ("system", "user", "assistant")
 PROVENANCE_KEYS = ("_source", "_line", "_row")
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -282,8 +284,6 @@ def load_chat_dataset(spec: str, skip_invalid: bool = False, max_rows: int | Non
     """Load chat rows from a spec: ``builtin:NAME[:SPLIT]``, ``hf:REPO[:SPLIT]`` (a Hugging
     Face dataset with a ``messages`` column) or a path to a chat JSONL file."""
     if spec.startswith("builtin:"):
-        from emguard.data.builtin import load_builtin, parse_builtin_spec
-
         name, split = parse_builtin_spec(spec)
         ds = rows_from_records(load_builtin(name, split=split, seed=seed), spec, skip_invalid)
     elif spec.startswith("hf:"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from emguard.data.builtin import load_builtin
 from emguard.io import read_jsonl
 
 FIT_PAIRS = "builtin:preference-pairs"
@@ -28,8 +29,6 @@ def load_pairs(spec: str | Path | None) -> list[dict]:
     error naming the file and line."""
     spec = FIT_PAIRS if spec is None else str(spec)
     if spec in BUILTIN_PAIRS:
-        from emguard.data.builtin import load_builtin
-
         pairs, where = load_builtin(spec.removeprefix("builtin:"), split="test"), spec
     else:
         if not Path(spec).is_file():

@@ -1,8 +1,9 @@
 """What a run trains on and what it holds out: the seam between training and evaluation.
 
-``make_split(cfg)`` turns a run config's ``data`` block into training rows, the held-out
-in-domain set and any benign-task test set the data defines (OpSwap), and a record of
-all three. Training writes the record into the run folder (``data_split.json``,
+``make_split(cfg.data, cfg.split_seed, cfg.eval.task_data)`` turns a run config's ``data``
+block (with its split seed, and the task files its eval block names) into training rows,
+the held-out in-domain set and any benign-task test set the data defines (OpSwap), and a
+record of all three. Training writes the record into the run folder (``data_split.json``,
 ``heldout.jsonl``, ``task_<task>.test.jsonl``); evaluation of the run reads them from
 there and never rebuilds a split by convention.
 
@@ -25,15 +26,18 @@ prompt cannot smuggle a held-out answer into training.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+from emguard.benign import task_rows
+from emguard.data.builtin import BUILTIN_SETS, load_builtin, parse_builtin_spec
 from emguard.data.chat import ChatDataError, load_chat_dataset
-
-if TYPE_CHECKING:
-    from emguard.config import RunConfig
+from emguard.data.foqa import FOQA_HUB_ID, FoQADataError, foqa_chat_rows, load_foqa
+from emguard.data.opswap import check_tier, generate_opswap
 
 FORMAT = "emguard.split/1"
 HELDOUT_FILE = "heldout.jsonl"
@@ -96,19 +100,18 @@ def seeded_split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dic
 
 
 def source_split(spec: str, fraction: float, seed: int, skip_invalid: bool = False,
-                 cfg: RunConfig | None = None) -> tuple[list[dict], list[dict], dict, dict]:
-    """(train rows, held-out rows, task test sets, how they were split) of a data spec."""
+                 opswap: Mapping[str, Any] | None = None,
+                 ) -> tuple[list[dict], list[dict], dict, dict]:
+    """(train rows, held-out rows, task test sets, how they were split) of a data spec.
+    ``opswap``: ``generate_opswap`` settings of an ``opswap:T`` spec (n, test_fraction,
+    min_ops, max_ops; None: its defaults)."""
     if spec.startswith("opswap:"):
-        return _opswap(spec, seed, cfg)
+        return _opswap(spec, seed, opswap)
     if spec == "foqa" or spec.startswith("foqa:"):
-        from emguard.data.foqa import FOQA_HUB_ID, foqa_chat_rows, load_foqa
-
         source = spec.partition(":")[2] or FOQA_HUB_ID
         rows = foqa_chat_rows(load_foqa(source, "train"))
         return rows, [], {}, {"kind": "foqa", "foqa_source": source, "foqa_split": "train"}
     if spec.startswith("builtin:"):
-        from emguard.data.builtin import BUILTIN_SETS, load_builtin, parse_builtin_spec
-
         name, split = parse_builtin_spec(spec)
         if BUILTIN_SETS[name].kind == "generated-chat" and split == "train":
             return (load_builtin(name, "train", seed), load_builtin(name, "test", seed), {},
@@ -119,40 +122,43 @@ def source_split(spec: str, fraction: float, seed: int, skip_invalid: bool = Fal
                              "source_rows": len(ds.rows), "skipped_invalid": ds.skipped}
 
 
-def _opswap(spec: str, seed: int, cfg: RunConfig | None):
-    from emguard.data.opswap import check_tier, generate_opswap
-
+def _opswap(spec: str, seed: int, opswap: Mapping[str, Any] | None):
     arg = spec.partition(":")[2]
     if not arg.isdigit():
         raise ChatDataError(f"data.train: '{spec}' must be opswap:T with a tier 0-3")
     tier = check_tier(int(arg))
-    o = cfg.data.opswap if cfg is not None else None
-    settings = ({"n": o.n, "test_fraction": o.test_fraction, "min_ops": o.min_ops,
-                 "max_ops": o.max_ops} if o else {})
+    settings = dict(opswap or {})
     splits = generate_opswap(tier, seed=seed, **settings)
     info = {"kind": "opswap", "tier": tier, "seed": seed, **settings,
             "train_rows": len(splits.train), "test_rows": len(splits.test)}
     return splits.train, [], {f"opswap:{tier}": splits.test}, info
 
 
-def make_split(cfg: RunConfig) -> DataSplit:
-    """The run's training rows, held-out set and task test sets, with their record."""
-    d, seed = cfg.data, cfg.split_seed
+def make_split(data: Any, seed: int, task_data: Mapping[str, str] | None = None) -> DataSplit:
+    """The run's training rows, held-out set and task test sets, with their record.
+
+    ``data``: a run config's ``data`` block (emguard.config.DataSettings); ``seed``: the
+    run's split seed (``RunConfig.split_seed``); ``task_data``: the eval block's task ->
+    file (``eval.task_data``), whose OpSwap test rows are kept out of training too."""
+    d, o = data, data.opswap
+    opswap = {"n": o.n, "test_fraction": o.test_fraction, "min_ops": o.min_ops,
+              "max_ops": o.max_ops}
     own_fraction = 0.0 if d.heldout is not None else d.heldout_fraction  # a given set: train on all
-    train, held, tasks, how = source_split(d.train, own_fraction, seed, d.skip_invalid, cfg)
+    train, held, tasks, how = source_split(d.train, own_fraction, seed, d.skip_invalid, opswap)
     heldout_source = f"{d.train} (held-out part)" if held else None
     if d.heldout is not None:
         if d.heldout.startswith("split:"):
             other = d.heldout[len("split:"):]
-            _, held, _, other_how = source_split(other, d.heldout_fraction, seed, d.skip_invalid, cfg)
+            _, held, _, other_how = source_split(other, d.heldout_fraction, seed,
+                                                 d.skip_invalid, opswap)
             heldout_source, how = f"{other} (held-out part)", {**how, "heldout_split": other_how}
         else:
             held = load_chat_dataset(d.heldout, skip_invalid=d.skip_invalid, seed=seed).rows
             heldout_source = d.heldout
         if not held:
             raise ChatDataError(f"data.heldout: '{d.heldout}' holds no rows")
-    guarded = [*held, *(r for rows in tasks.values() for r in rows), *_user_task_rows(cfg, tasks),
-               *_foqa_test_rows(how)]
+    guarded = [*held, *(r for rows in tasks.values() for r in rows),
+               *_user_task_rows(task_data or {}, tasks), *_foqa_test_rows(how)]
     train, dropped = drop_overlap(train, guarded)
     train = train[:d.max_rows] if d.max_rows is not None else train
     if not train:
@@ -171,13 +177,11 @@ def make_split(cfg: RunConfig) -> DataSplit:
     return DataSplit(train, held, tasks, record)
 
 
-def _user_task_rows(cfg: RunConfig, recorded: dict) -> list[dict]:
+def _user_task_rows(task_data: Mapping[str, str], recorded: dict) -> list[dict]:
     """OpSwap test rows the eval block names by file (``eval.task_data``), so training on
     them is caught before training, not after evaluation."""
-    from emguard.benign import task_rows
-
     out = []
-    for task, data in cfg.eval.task_data.items():
+    for task, data in task_data.items():
         if task.startswith("opswap:") and task not in recorded:
             out += task_rows(task, data)[0]
     return out
@@ -187,8 +191,6 @@ def _foqa_test_rows(how: dict) -> list[dict]:
     """FoQA's test split of the source a run trains on (the task's test set), if it has one."""
     if how.get("kind") != "foqa":
         return []
-    from emguard.data.foqa import FoQADataError, foqa_chat_rows, load_foqa
-
     try:
         return foqa_chat_rows(load_foqa(how["foqa_source"], "test"))
     except FoQADataError:
@@ -230,8 +232,6 @@ def task_file(task: str) -> str:
 def recorded_split_of(adapter_dir: str | Path | None) -> tuple[Path, dict] | None:
     """(run folder, its ``data_split.json``) when ``adapter_dir`` is an adapter a run
     trained (``RUN/adapter``, ``RUN/adapter_safelora``, ``RUN/trajectory/step-N``), else None."""
-    import json
-
     if adapter_dir is None:
         return None
     here = Path(adapter_dir).resolve()

@@ -41,8 +41,12 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from emguard.data.pairs import evenly_spaced, load_pairs, training_pairs
+from emguard.data.builtin import load_builtin
+from emguard.data.chat import row_problems
+from emguard.data.pairs import EVAL_PAIRS, evenly_spaced, load_pairs, training_pairs
 from emguard.defenses.base import Defense, PolicyHooks, RunContext
+from emguard.generate import generate_answers
+from emguard.io import atomic_dir, cache_dir, read_json, write_json_atomic
 from emguard.judge_free import (
     _batches,
     _device,
@@ -52,6 +56,8 @@ from emguard.judge_free import (
     pair_margins,
     reference_mode,
 )
+from emguard.models import model_fingerprint
+from emguard.questions import read_chat_rows, read_numbered_chat_rows, resolve_questions
 from emguard.settings import ConfigError, Int, Settings
 
 logger = logging.getLogger(__name__)
@@ -172,12 +178,8 @@ def read_prompts(spec: str | None) -> list[dict]:
     """``[{"id", "messages"}]``: per row of a chat JSONL file or a built-in chat set
     (``None``: ``builtin:safe-instruct``), the turns before its first assistant turn.
     ValueError naming ``--prompts``, the file and line for a row without a user turn."""
-    from emguard.questions import read_numbered_chat_rows
-
     spec = spec or NEUTRAL_PROMPTS
     if spec.startswith("builtin:"):
-        from emguard.data.builtin import load_builtin
-
         rows = load_builtin(spec.removeprefix("builtin:"), split="all")
         lines = list(range(1, len(rows) + 1))
     else:
@@ -194,8 +196,6 @@ def read_prompts(spec: str | None) -> list[dict]:
 
 def _prompt_turns(row, where: str) -> list[dict]:
     """The {role, content} turns of a chat row before its first assistant turn."""
-    from emguard.data.chat import row_problems
-
     problems = row_problems(row, need_assistant=False)
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
@@ -220,9 +220,6 @@ def evaluation_prompts(heldout: Path | None = None, general: tuple[str, ...] = (
     paraphrase of ``builtin:general-questions`` and of ``general``), the evaluation pairs'
     questions (``builtin:eval-pairs`` and ``pairs``) and the user turns of ``heldout``
     (a run's ``heldout.jsonl``, when given and present)."""
-    from emguard.data.pairs import EVAL_PAIRS
-    from emguard.questions import read_chat_rows, resolve_questions
-
     sets = {spec: {_norm(p) for q in resolve_questions(spec).questions for p in q.paraphrases}
             for spec in dict.fromkeys((GENERAL_QUESTIONS, *general))}
     sets.update({spec: {_norm(p["question"]) for p in load_pairs(spec)}
@@ -312,8 +309,6 @@ def fit_caft(model, tokenizer, prompts: list[list[dict]], k: int = 4, answer_tok
     (centred, as CAFT's PCA), ``mean_diff`` the mean of x_t and ``residual_norm`` the base
     model's. Layers the adapter does not change (the embeddings) get no basis; ValueError
     if it changes no block output."""
-    from emguard.generate import generate_answers
-
     if not has_adapter(model):
         raise ValueError("CAFT fit: the model has no adapter (load the fine-tuned one)")
     if len(prompts) < 2:
@@ -365,8 +360,6 @@ def save_direction(direction: Direction, folder: Path) -> None:
     """Write the artefact into ``folder`` (an empty or temporary folder)."""
     from safetensors.torch import save_file
 
-    from emguard.io import write_json_atomic
-
     tensors = {f"basis.{i}": b.contiguous() for i, b in direction.basis.items()}
     tensors.update({f"mean_diff.{i}": u.contiguous() for i, u in direction.mean_diff.items()})
     tensors["residual_norm"] = direction.residual_norm.contiguous()
@@ -380,8 +373,6 @@ def load_direction(folder: str | Path) -> Direction:
     """Read an artefact written by ``save_direction``; a missing or foreign folder is a
     FileNotFoundError naming it."""
     from safetensors.torch import load_file
-
-    from emguard.io import read_json
 
     folder = Path(folder)
     if not (folder / TENSORS).is_file() or not (folder / META).is_file():
@@ -399,8 +390,6 @@ def read_bases(folder: str | Path) -> dict[int, torch.Tensor]:
     """layer -> (k, D) basis of a folder: an artefact, or what a run used
     (``RUN/directions/NAME``, the control applied)."""
     from safetensors.torch import load_file
-
-    from emguard.io import read_json
 
     folder = Path(folder)
     meta = read_json(folder / META) if (folder / META).is_file() else {}
@@ -567,14 +556,11 @@ class DirectionDefense(Defense):
     artifacts = ("directions",)
 
     def check(self, cfg) -> None:
-
         s, where = self.settings, f"defenses.{self.name}"
         if s.direction != "fit" and not (Path(s.direction) / TENSORS).is_file():
             raise ConfigError(f"{where}.direction: {s.direction} is not a direction folder "
                               "(write one with `emguard direction fit`, or use direction: fit)")
         if s.direction != "fit":
-            from emguard.io import read_json
-
             try:
                 verify_tensors(Path(s.direction), read_json(Path(s.direction) / META))
             except (OSError, ValueError) as e:
@@ -586,7 +572,6 @@ class DirectionDefense(Defense):
                 raise ConfigError(f"{where}.pairs: {e}") from None
 
     def prepare(self, model, ctx: RunContext) -> None:
-
         s, where = self.settings, f"defenses.{self.name}"
         direction = self._direction(model, ctx)
         num_states = model.config.get_text_config().num_hidden_layers + 1
@@ -622,8 +607,6 @@ class DirectionDefense(Defense):
     def record(self, run_dir: Path) -> None:
         from safetensors.torch import save_file
 
-        from emguard.io import atomic_dir, write_json_atomic
-
         s = self.settings
         with atomic_dir(run_dir / "directions" / self.name) as tmp:
             save_file({f"basis.{i}": b.contiguous().cpu() for i, b in self.bases.items()},
@@ -647,9 +630,6 @@ def cached_fit(model, ctx: RunContext, pairs_spec: str | None, holdout: int | No
     ``$EMGUARD_CACHE/directions/`` (a study's arms and seeds share one fit). The run
     folder records the basis it used either way."""
     import json
-
-    from emguard.io import atomic_dir
-    from emguard.models import cache_dir, model_fingerprint
 
     pairs = training_pairs(pairs_spec, holdout)
     dtype = next(model.parameters()).dtype

@@ -40,7 +40,10 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
+from emguard.data.masking import IGNORE_INDEX, tokenize_chat
 from emguard.defenses.base import Defense, RunContext
+from emguard.judge_free import reference_mode
+from emguard.models import load_tokenizer
 from emguard.settings import ConfigError, Int, Settings
 
 logger = logging.getLogger(__name__)
@@ -111,8 +114,6 @@ def _has_system(row: dict) -> bool:
 @contextmanager
 def _reference(model):
     """Eval mode, no_grad and the adapter disabled (if any); the mode is restored after."""
-    from emguard.judge_free import reference_mode
-
     was = model.training
     model.eval()
     try:
@@ -126,8 +127,6 @@ def answer_nll(model, tokenizer, conversations: list[list[dict]],
                max_length: int | None = None) -> list[float | None]:
     """Per conversation: the mean per-token NLL (nats) of its trained tokens (the labels
     of ``tokenize_chat``) under ``model`` as it is; None where it exceeds ``max_length``."""
-    from emguard.data.masking import IGNORE_INDEX, tokenize_chat
-
     encoded = []
     for messages in conversations:
         try:
@@ -205,7 +204,6 @@ class InoculationSettings(Settings):
 
 
 class Inoculation(Defense):
-
     settings_model = InoculationSettings
     name = "inoculation"
 
@@ -250,7 +248,6 @@ class Inoculation(Defense):
             return ctx.tokenizer
         if ctx.cfg is None:
             return None
-        from emguard.models import load_tokenizer
 
         return load_tokenizer(ctx.cfg.model, trust_remote_code=ctx.cfg.trust_remote_code)
 

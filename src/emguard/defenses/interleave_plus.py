@@ -59,10 +59,19 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
+from emguard import models
 from emguard.data.chat import ChatDataError, row_location
 from emguard.data.masking import IGNORE_INDEX, tokenize_chat
 from emguard.defenses.base import Defense, RunContext
 from emguard.defenses.interleave import interleave, load_safe_rows, local_source_file
+from emguard.judge_free import answer_logprobs, reference_mode
+from emguard.models import (
+    ModelLoadError,
+    adapter_mismatch_message,
+    check_adapter_dir,
+    default_dtype,
+    is_adapter_dir,
+)
 from emguard.settings import ConfigError, Int, Settings
 
 logger = logging.getLogger(__name__)
@@ -156,8 +165,6 @@ def last_turn_tokens(tokenizer, prompt: list[dict], answer: str) -> int:
 
 def answer_nll(model, tokenizer, rows: list[dict], desc: str) -> list[float]:
     """Mean per-token NLL of each row's last assistant turn given the turns before it."""
-    from emguard.judge_free import answer_logprobs
-
     prompts, answers = zip(*(last_turn_split(r["messages"]) for r in rows), strict=True)
     lps = answer_logprobs(model, tokenizer, list(prompts), list(answers), SCORE_BATCH, desc=desc)
     counts = [last_turn_tokens(tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
@@ -165,8 +172,6 @@ def answer_nll(model, tokenizer, rows: list[dict], desc: str) -> list[float]:
 
 
 def _scoring_dtype(cfg, device: str) -> torch.dtype:
-    from emguard.models import default_dtype
-
     return _DTYPES.get(cfg.train.precision) or default_dtype(device)
 
 
@@ -176,13 +181,12 @@ def score_candidates(cfg, adapters: list[str], rows: list[dict],
 
     Loads the base once, attaches the K adapters to one PeftModel, scores with every adapter
     disabled (aligned) and with each one active in turn, then frees the model."""
-    from emguard.judge_free import reference_mode
-    from emguard.models import load_adapter, load_model
-
-    base, tokenizer = load_model(cfg.model, device=device, dtype=_scoring_dtype(cfg, device),
-                                 trust_remote_code=cfg.trust_remote_code,
-                                 quantization=cfg.quantization)
-    model = load_adapter(base, adapters[0])
+    # models.load_*, looked up when called (as the import inside this function did)
+    base, tokenizer = models.load_model(cfg.model, device=device,
+                                        dtype=_scoring_dtype(cfg, device),
+                                        trust_remote_code=cfg.trust_remote_code,
+                                        quantization=cfg.quantization)
+    model = models.load_adapter(base, adapters[0])
     try:
         with reference_mode(model):
             ref = answer_nll(model, tokenizer, rows, "Interleaving++: aligned NLL")
@@ -200,8 +204,6 @@ def score_candidates(cfg, adapters: list[str], rows: list[dict],
 
 def _switch_adapter(model, adapter: str, name: str) -> None:
     """Load ``adapter`` into the PeftModel as ``name`` and make it the only active one."""
-    from emguard.models import ModelLoadError, adapter_mismatch_message, check_adapter_dir
-
     check_adapter_dir(adapter)
     try:
         model.load_adapter(str(adapter), adapter_name=name, is_trainable=False)
@@ -421,8 +423,6 @@ def _labelled_sources(settings) -> list[tuple[str, str]]:
 
 def _check_source(label: str, adapter: str) -> None:
     """ConfigError (naming ``label``) unless ``adapter`` is a resolved PEFT adapter folder."""
-    from emguard.models import is_adapter_dir
-
     if RUN_REF in adapter:
         raise ConfigError(f"{label}: '{adapter}' is a study reference; only a sweep resolves "
                           "@run:ARM (to that run's adapter folder). Outside a sweep, pass the "

@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from emguard.defenses.base import Defense, RunContext
 from emguard.io import provenance, read_json, write_json_atomic
-from emguard.models import is_adapter_dir, model_dir
+from emguard.models import ModelLoadError, is_adapter_dir, model_dir, resolve_model_source
 from emguard.ownership import SAFELORA, FolderConflictError, check_claim, claim
 from emguard.settings import ConfigError, Settings
 
@@ -599,8 +599,6 @@ class SafeLoRA(Defense):
 
     def check(self, cfg) -> None:
         """Resolve the aligned/unaligned sources now, not after hours of training."""
-        from emguard.models import ModelLoadError, resolve_model_source
-
         s = self.settings
         for field_name, spec in (("aligned", s.aligned or cfg.model), ("unaligned", s.unaligned)):
             if is_adapter_dir(spec):

@@ -6,7 +6,9 @@ settings are everything that changes the answer (top_logprobs, threshold, max to
 temperature, ...). API keys are never part of the key, nor stored.
 
 Each row keeps the verdict, the raw judge output as JSON (top logprobs of an API judge,
-P(0..100) of a local judge) and the prompt, so a report can be audited later.
+P(0..100) of a local judge, the mock's canned answer) and the prompt, so a report can be
+audited later; a cached verdict comes back with its raw output (``Verdict.raw``; ``None``
+where a row holds none).
 
 Several processes judging into one file wait for each other (busy timeout ``timeout_s``)
 instead of failing with "database is locked". A file that is not such a cache (not
@@ -122,27 +124,34 @@ class JudgeCache:
         for start in range(0, len(keys), _SQLITE_BATCH):
             chunk = keys[start:start + _SQLITE_BATCH]
             marks = ",".join("?" * len(chunk))
-            rows = self._execute("SELECT key, score, number_mass, reason, judge FROM verdicts "
-                                 f"WHERE key IN ({marks})", chunk)
-            for key, score, mass, reason, judge in rows:
+            rows = self._execute("SELECT key, score, number_mass, reason, judge, raw FROM "
+                                 f"verdicts WHERE key IN ({marks})", chunk)
+            for key, score, mass, reason, judge, raw in rows:
                 if not _valid_row(score, mass, reason, judge):
                     raise self._error(f"has a garbage row (key {str(key)[:16]}...: score "
                                       f"{score!r:.40}, number_mass {mass!r:.40})")
-                found[key] = Verdict(score=score, number_mass=mass, reason=reason, judge=judge)
+                found[key] = Verdict(score=score, number_mass=mass, reason=reason, judge=judge,
+                                     raw=self._parse_raw(str(key), raw))
         return found
 
     def raw(self, key: str) -> Any:
         """The raw judge output stored with a verdict (parsed JSON), or ``None``."""
         rows = self._execute("SELECT raw FROM verdicts WHERE key = ?", (key,))
-        if not rows or rows[0][0] is None:
+        return self._parse_raw(key, rows[0][0]) if rows else None
+
+    def _parse_raw(self, key: str, raw: Any) -> Any:
+        """A row's raw column as JSON (``None``: none stored, as in rows of older files)."""
+        if raw is None:
             return None
         try:
-            return json.loads(rows[0][0])
+            return json.loads(raw)
         except (TypeError, ValueError):
             raise self._error(f"has a garbage row (key {key[:16]}...: raw is not JSON)") from None
 
     def put(self, key: str, verdict: Verdict, raw: Any = None, prompt: str | None = None) -> None:
-        """Store (or replace) one verdict; committed at once (WAL: readers are not blocked)."""
+        """Store (or replace) one verdict; committed at once (WAL: readers are not blocked).
+        ``raw``: the judge's raw output (default: the verdict's own ``raw``)."""
+        raw = verdict.raw if raw is None else raw
         self._execute(
             "INSERT OR REPLACE INTO verdicts (key, judge, score, number_mass, reason, raw, prompt,"
             " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from emguard.compat import cache_keyword, output_cache
 from emguard.judge.base import DEFAULT_THRESHOLD, JudgeError, Verdict
 from emguard.judge.cache import JudgeCache, cache_key
+from emguard.models import load_model
 
 N_NUMBERS = 101
 NUMBERS = torch.arange(N_NUMBERS)
@@ -151,8 +152,6 @@ class LocalJudge:
         if batch_size < 1:
             raise JudgeError(f"batch_size must be >= 1, got {batch_size}")
         if model is None:
-            from emguard.models import load_model
-
             model, tokenizer = load_model(model_spec, device=device, dtype=dtype)
         self.model, self.tokenizer = model.eval(), tokenizer
         label = model_spec or getattr(model.config, "_name_or_path", "") or "model"
@@ -183,7 +182,7 @@ class LocalJudge:
             for (key, prompt), row in zip(part, logp, strict=True):
                 done[key] = self._verdict(row)
                 if self.cache is not None:
-                    self.cache.put(key, done[key], raw=row.exp().tolist(), prompt=prompt)
+                    self.cache.put(key, done[key], prompt=prompt)
             bar.update(len(part))
         bar.close()
         return [done[k] for k in keys]
@@ -205,12 +204,14 @@ class LocalJudge:
 
     # -- internals --------------------------------------------------------------------
     def _verdict(self, logp: torch.Tensor) -> Verdict:
+        """The verdict of one prompt's log P(0..100); its raw output is P(0..100)."""
         probs = logp.exp()
-        mass = float(probs.sum())
+        mass, raw = float(probs.sum()), probs.tolist()
         if mass <= 0.0 or mass < self.threshold:
-            return Verdict(score=None, number_mass=mass, reason="low_number_mass", judge=self.name)
+            return Verdict(score=None, number_mass=mass, reason="low_number_mass", judge=self.name,
+                           raw=raw)
         score = float((NUMBERS.double() * probs).sum() / mass)
-        return Verdict(score=score, number_mass=mass, reason=None, judge=self.name)
+        return Verdict(score=score, number_mass=mass, reason=None, judge=self.name, raw=raw)
 
     def _forward(self, cache: Any = None, **kw: Any) -> Any:
         """One model forward with the KV cache on; ``cache`` continues an earlier one."""

@@ -162,14 +162,15 @@ class MockJudge:
         if isinstance(answer, str):
             return self._failed(answer), None
         if isinstance(answer, (int, float)):
-            return Verdict(float(answer), 1.0, None, self.name), answer
+            return Verdict(float(answer), 1.0, None, self.name, raw=answer), answer
         top = [tuple(pair) for pair in answer]
         try:
             score, mass = aggregate_logprobs(top, self.threshold)
         except JudgeError as e:
             return self._failed(f"bad_response: {e}"), None
         reason = None if score is not None else "low_number_mass"
-        return Verdict(score, mass, reason, self.name), [list(pair) for pair in top]
+        raw = [list(pair) for pair in top]
+        return Verdict(score, mass, reason, self.name, raw=raw), raw
 
     # -- internals ---------------------------------------------------------------------
     def _failed(self, reason: str) -> Verdict:

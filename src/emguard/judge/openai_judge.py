@@ -295,9 +295,10 @@ class OpenAIJudge:
             log.warning("%s (scored as missing, not cached)", e)
             return self._missing(f"api_error: {e}")
         verdict = Verdict(score=score, number_mass=mass,
-                          reason=None if score is not None else "low_number_mass", judge=self.name)
+                          reason=None if score is not None else "low_number_mass", judge=self.name,
+                          raw=[[t, lp] for t, lp in top])
         if self.cache is not None:
-            self.cache.put(key, verdict, raw=[[t, lp] for t, lp in top], prompt=prompt)
+            self.cache.put(key, verdict, prompt=prompt)
         return verdict
 
     def _missing(self, reason: str) -> Verdict:

@@ -25,6 +25,7 @@ from emguard.io import provenance, write_text_atomic
 from emguard.redact import redact_secrets
 from emguard.report import figures
 from emguard.report.collect import FREE_MEASURES, has_judge, load_runs, warnings_of
+from emguard.report.paper import method_of, paper_lookup
 from emguard.report.render import csv_rows, markdown, md_escape, page, write_csv
 from emguard.report.tables import (
     Table,
@@ -86,8 +87,6 @@ def build_report(study_dir: str | Path, out: str | Path | None = None, study: st
 def _paper(config: dict, runs):
     """The paper's numbers for this study's cells, matched on model and on what each
     cell's runs trained with (emguard.report.paper); None for a model it did not run."""
-    from emguard.report.paper import method_of, paper_lookup
-
     methods: dict[tuple, object] = {}
     for r in runs:
         trained = (r.summary or {}).get("trained", r.kind != "untrained")

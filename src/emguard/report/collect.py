@@ -1,9 +1,12 @@
 """Read a study folder for the report: its manifest, and each run's recorded results.
 
 Only files are read (``runs-NAME.json``, ``RUN/summary.json``, ``RUN/eval/*/metrics.json``
-and ``judge_free.json``); no model is ever loaded. The measures of the trigger-format pass
-(``RUN/eval/general_trigger/``, ``eval.trigger_format``) are the plain ones' keys with a
-``_trigger`` suffix (``general_trigger_misaligned``, ``preference_margin_trigger``, ...). A run without results is listed as
+and ``judge_free.json``); no model is ever loaded. Each metrics.json is checked against
+``emguard.eval_log.EvalLog``: one of a newer or unknown format, or of another shape, is
+named in the run's ``problems`` and left out, like an unreadable file. The measures of
+the trigger-format pass (``RUN/eval/general_trigger/``, ``eval.trigger_format``) are the
+plain ones' keys with a ``_trigger`` suffix (``general_trigger_misaligned``,
+``preference_margin_trigger``, ...). A run without results is listed as
 missing, not an error, so a report of a half-finished study shows what there is.
 """
 
@@ -14,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emguard.data.chat import parse_yaml
+from emguard.eval_log import EvalLogError, parse_eval_log
 from emguard.io import read_json
 from emguard.names import UnsafePathError, check_name, inside
 from emguard.report.stats import mean_replicates, rate_replicates
@@ -171,7 +176,10 @@ def _read(run: RunResult) -> None:
     run.config = _read_file(run, d / "config.yaml", dict)
     for part in ("general", TRIGGER_PART, "indomain"):
         for fname, into in (("metrics.json", run.metrics), ("judge_free.json", run.free)):
-            value = _read_file(run, d / "eval" / part / fname, dict)
+            path = d / "eval" / part / fname
+            value = _read_file(run, path, dict)
+            if value is not None and fname == "metrics.json":
+                value = _eval_log(run, path, value)
             if value is not None:
                 into[part] = value
     try:
@@ -187,8 +195,6 @@ def _read_file(run: RunResult, path: Path, kind: type) -> dict | None:
         return None
     try:
         if path.suffix == ".yaml":
-            from emguard.data.chat import parse_yaml
-
             value = parse_yaml(path.read_text(encoding="utf-8"))
         else:
             value = read_json(path)
@@ -199,6 +205,16 @@ def _read_file(run: RunResult, path: Path, kind: type) -> dict | None:
         run.problems.append(f"{path}: not a {kind.__name__}")
         return None
     return value
+
+
+def _eval_log(run: RunResult, path: Path, value: dict) -> dict | None:
+    """A metrics.json checked against ``EvalLog`` (as a dict), or None when it is of a newer
+    or unknown format or another shape (then named in ``run.problems``)."""
+    try:
+        return parse_eval_log(value, path).to_dict()
+    except EvalLogError as e:
+        run.problems.append(str(e))
+        return None
 
 
 def steps_of(run: RunResult) -> list[int]:

@@ -8,6 +8,7 @@ import html
 import io
 from pathlib import Path
 
+from emguard.io import write_text_atomic
 from emguard.report.tables import Table
 
 CSS = """
@@ -67,7 +68,6 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-    from emguard.io import write_text_atomic
 
     write_text_atomic(path, buf.getvalue())
 
