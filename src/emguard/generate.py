@@ -251,7 +251,8 @@ def generate_answers_vllm(model_spec: str, adapter_dir: str | Path | None, promp
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
     except ImportError as e:
-        raise ImportError("the vLLM generation backend needs vllm: pip install emguard[gpu]") from e
+        raise ImportError("the vLLM generation backend needs vllm: pip install emguard[gpu]",
+                          name=e.name) from e
 
     lora = None
     if adapter_dir is not None:

@@ -68,7 +68,7 @@ try:
     from inspect_ai.solver import TaskState, generate
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("emguard.inspect_tasks needs Inspect AI: pip install 'emguard[inspect]' "
-                      f"(inspect_ai>=0.3.285); {e}") from e
+                      f"(inspect_ai>=0.3.285); {e}", name=e.name) from e
 
 from emguard.benign import (
     DEFAULT_MAX_NEW_TOKENS,
