@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_seeds import N_BOOT, bootstrap, fmt, items, stat, summarise  # noqa: E402
+from demo_seeds import bootstrap, combination, fmt, items, summarise  # noqa: E402
 
 from emguard.report.collect import at_step, load_runs  # noqa: E402
 from emguard.report.tables import arm_label  # noqa: E402
@@ -54,18 +54,6 @@ DIRECTION_CONTROLS = ("random", "orthogonal")
 def contrast(by: dict, a: str, b: str, seeds: list[int], rng) -> dict:
     return {k: summarise({s: bootstrap(k, by[(a, s)][k], by[(b, s)][k], rng) for s in seeds})
             for k in KEYS}
-
-
-def combination(key: str, terms: list[tuple[int, np.ndarray]], rng) -> tuple[float, np.ndarray]:
-    """(value, replicates) of sum(sign * stat(values)) over runs scored on the same items,
-    every run resampled with the same item indices (a paired bootstrap of the whole sum)."""
-    n = {len(v) for _, v in terms}
-    if len(n) != 1:
-        raise ValueError(f"runs scored on different numbers of items: {sorted(n)}")
-    idx = rng.integers(0, n.pop(), size=(N_BOOT, len(terms[0][1])))
-    value = sum(sign * stat(key, v) for sign, v in terms)
-    reps = sum(sign * stat(key, v, idx) for sign, v in terms)
-    return float(value), reps
 
 
 def did(by: dict, arm: str, on_aligned: str, seeds: list[int], rng) -> dict:

@@ -60,10 +60,19 @@ def stat(key: str, values: np.ndarray, idx: np.ndarray | None = None):
 
 def bootstrap(key: str, a: np.ndarray, b: np.ndarray | None, rng) -> tuple[float, np.ndarray]:
     """(value, replicates) of stat(a) or, paired over the same items, stat(a) - stat(b)."""
-    idx = rng.integers(0, len(a), size=(N_BOOT, len(a)))
-    value, reps = stat(key, a), stat(key, a, idx)
-    if b is not None:
-        value, reps = value - stat(key, b), reps - stat(key, b, idx)
+    return combination(key, [(1, a)] + ([(-1, b)] if b is not None else []), rng)
+
+
+def combination(key: str, terms: list[tuple[int, np.ndarray]], rng) -> tuple[float, np.ndarray]:
+    """(value, replicates) of sum(sign * stat(values)) over runs scored on the same items,
+    every run resampled with the same item indices (a paired bootstrap of the whole sum)."""
+    n = {len(v) for _, v in terms}
+    if len(n) != 1:
+        raise ValueError(f"runs scored on different numbers of items: {sorted(n)}")
+    n = n.pop()
+    idx = rng.integers(0, n, size=(N_BOOT, n))
+    value = sum(sign * stat(key, v) for sign, v in terms)
+    reps = sum(sign * stat(key, v, idx) for sign, v in terms)
     return float(value), reps
 
 

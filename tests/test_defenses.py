@@ -460,7 +460,7 @@ def test_sweep_preflight_names_missing_direction_and_pairs_files(tmp_path):
         "steering": {"layers": [1], "direction": str(tmp_path / "nodir")},
         "anchor": {"layers": [1], "pairs": str(tmp_path / "nopairs.jsonl")},
         "ablation": {"layers": [1], "pairs": "builtin:preference-pairs"}}})
-    problems = missing_inputs(SimpleNamespace(config=cfg))
+    problems = missing_inputs(SimpleNamespace(config=cfg, needs=[]))
     assert any(p.startswith("defenses.steering.direction:") for p in problems)
     assert any(p.startswith("defenses.anchor.pairs:") for p in problems)
     assert not any("ablation" in p for p in problems)

@@ -118,3 +118,22 @@ def loss_terms(model, **settings):
     for term in terms:
         term.prepare(model, None)
     return terms
+
+
+def naive_greedy(model, tokenizer, prompt: list[dict], max_new_tokens: int) -> str:
+    """Greedy decoding of one chat prompt by a hand-written argmax loop (no ``generate``,
+    no batching, no padding): the reference emguard.generate's greedy path is held to."""
+    from emguard.generate import render_prompts
+
+    ids = tokenizer(render_prompts(tokenizer, [prompt])[0], add_special_tokens=False,
+                    return_tensors="pt")["input_ids"]
+    eos = {tokenizer.eos_token_id, model.generation_config.eos_token_id}
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(ids).logits[0, -1].argmax())
+            if nxt in eos:
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return tokenizer.decode(out, skip_special_tokens=True)

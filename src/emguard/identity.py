@@ -24,8 +24,8 @@ def training_identity(cfg: RunConfig) -> dict:
     written): equal identities train the same adapter."""
     identity = cfg.model_dump(mode="json", exclude={"eval", "output_dir"})
     for name, defense in DEFENSES.items():  # later defenses count only when on
-        if not defense.identity_when_off and identity["defenses"].get(name, 0) is None:
-            del identity["defenses"][name]
+        if not defense.identity_when_off and identity["defenses"].get(name) is None:
+            identity["defenses"].pop(name, None)  # absent: registered after cfg was built
     if not identity["train"]["trajectory_steps"]:  # added later: runs keep their names
         del identity["train"]["trajectory_steps"]
     for key in TRACKING_KEYS:  # where numbers are shown, not what is trained

@@ -128,7 +128,7 @@ def missing_inputs(run: PlannedRun) -> list[str]:
         resolve_model_source(run.config.model)
     except ModelLoadError as e:
         problems.append(f"model: {e}")
-    if not getattr(run, "needs", None):
+    if not run.needs:
         for defense in active_defenses(run.config.defenses):
             try:
                 defense.check(run.config)

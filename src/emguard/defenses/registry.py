@@ -56,24 +56,30 @@ def register(cls: type[Defense]) -> type[Defense]:
     """Add a defense (after the ones already registered, so its phases run last) and
     rebuild ``DefenseSettings`` so run configs accept ``defenses.NAME``. Raises
     RuntimeError for a defense a run could not use as declared. Returns ``cls``."""
-    global DefenseSettings
-    check_declaration(cls)
-    if cls.name in DEFENSES and DEFENSES[cls.name] is not cls:
-        raise RuntimeError(f"a defense named {cls.name!r} is already registered "
-                           f"({DEFENSES[cls.name].__name__})")
-    DEFENSES[cls.name] = cls
-    DefenseSettings = defense_settings_model()
-    for listener in _listeners:
-        listener(DefenseSettings)
+    _add(cls)
+    _rebuild()
     return cls
 
 
 def unregister(name: str) -> None:
     """Remove a defense registered with ``register`` (tests; built-ins stay)."""
-    global DefenseSettings
     if name in BUILTIN:
         raise RuntimeError(f"{name!r} is a built-in defense")
     DEFENSES.pop(name, None)
+    _rebuild()
+
+
+def _add(cls: type[Defense]) -> None:
+    check_declaration(cls)
+    if cls.name in DEFENSES and DEFENSES[cls.name] is not cls:
+        raise RuntimeError(f"a defense named {cls.name!r} is already registered "
+                           f"({DEFENSES[cls.name].__name__})")
+    DEFENSES[cls.name] = cls
+
+
+def _rebuild() -> None:
+    """``DefenseSettings`` from the registry as it is now, handed to every listener."""
+    global DefenseSettings
     DefenseSettings = defense_settings_model()
     for listener in _listeners:
         listener(DefenseSettings)
@@ -138,5 +144,6 @@ for _builtin in (
     Anchor,
     EarlyStop,
 ):
-    register(_builtin)
+    _add(_builtin)
+_rebuild()  # once, not once per built-in
 BUILTIN = tuple(DEFENSES)  # names of the package's own defenses
