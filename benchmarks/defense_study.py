@@ -12,9 +12,10 @@ pooled sign.
     model's, per pair; lower = less EMA.
   * held-out NLL: nats per token on held-out insecure code; lower = narrow task learned.
 
-Against KL (both measures paired, arm - KL): an arm *beats KL* when it shows a lower shift
-without a shown higher NLL, or a lower NLL without a shown higher shift; *loses to KL* in
-the mirrored case; otherwise no difference is shown. Direction arms with a compensation
+Against KL (both measures paired, arm - KL): an arm that shows a lower shift than the
+misaligned run *beats KL* when it shows a lower shift than KL without a shown higher NLL,
+or a lower NLL without a shown higher shift; *loses to KL* in the mirrored case; otherwise
+no difference is shown. An arm with no shown reduction against misaligned is not ranked. Direction arms with a compensation
 control (the same arm on the aligned data) get the difference-in-differences; only a shown
 negative one is called "prevents". About 2 hours on a 2-core CPU (84 runs, ~75 s each).
 
@@ -64,12 +65,16 @@ def did(by: dict, arm: str, on_aligned: str, seeds: list[int], rng) -> dict:
                                          rng) for s in seeds}) for k in KEYS}
 
 
-def verdict_vs_kl(c: dict) -> str:
-    """The trade-off verdict from the paired (arm - KL) contrasts."""
-    def shown(key, sign):
-        p = c[key]["pooled"]
+def verdict_vs_kl(c: dict, vs_misaligned: dict) -> str:
+    """The trade-off verdict from the paired (arm - KL) contrasts ``c``. An arm that shows no
+    lower shift than the undefended run (``vs_misaligned``: arm - misaligned) defends
+    nothing, so it cannot beat KL, however much less it costs on NLL."""
+    def shown(key, sign, contrast=c):
+        p = contrast[key]["pooled"]
         return p["shown"] and np.sign(p["value"]) == sign
 
+    if not shown("shift", -1, vs_misaligned):
+        return "no shown reduction"
     if (shown("shift", -1) and not shown("nll", 1)) or (shown("nll", -1) and not shown("shift", 1)):
         return "beats KL"
     if (shown("shift", 1) and not shown("nll", -1)) or (shown("nll", 1) and not shown("shift", -1)):
@@ -111,7 +116,8 @@ def analyse(study_dir: Path, name: str) -> dict:
     for kl in kls:
         for d in (d for d in defenses if d != kl):
             c = contrast(by, d, kl, seeds, rng)
-            out["vs_kl"][f"{d} - {kl}"] = {**c, "verdict": verdict_vs_kl(c)}
+            verdict = verdict_vs_kl(c, out["vs_misaligned"][f"{d} - misaligned"])
+            out["vs_kl"][f"{d} - {kl}"] = {**c, "verdict": verdict}
     for d, ctrl in on_aligned.items():
         if d in complete and ctrl in complete:
             out["compensation"][d] = did(by, d, ctrl, seeds, rng)
@@ -198,7 +204,7 @@ def markdown(r: dict, settings: str) -> str:
     lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * 3 + "---|" * (1 + len(kls))
               + ("---:|" if r.get("early_step") else "")]
     for arm, row in r["per_defense"].items():
-        red = f"{100 * row['reduction']:.0f} %" if row["reduction"] is not None else "-"
+        red = f"{round(100 * row['reduction'])} %" if row["reduction"] is not None else "-"
         mark = lambda c: fmt(c) + (" ✓" if c["shown"] else "")  # noqa: E731
         cells = [arm, mark(row["shift"]), red, mark(row["nll"]), row["prevents"]]
         cells += [row["vs_kl"].get(kl, "-") for kl in kls]
@@ -216,8 +222,10 @@ def markdown(r: dict, settings: str) -> str:
                    "item and seed. A push that the adapter learns to cancel moves both differences "
                    "alike (about 0); a defense that prevents EMA lowers the first only (below 0).")
     lines += table(r["vs_kl"], seeds, "Against KL (arm - KL): the trade-off",
-                   "Beats KL: a shown lower shift without a shown higher NLL, or a shown lower "
-                   "NLL without a shown higher shift.", extra=True)
+                   "Beats KL: the arm shows a lower shift than the undefended run, and against "
+                   "KL a shown lower shift without a shown higher NLL, or a shown lower NLL "
+                   "without a shown higher shift. An arm with no shown reduction against the "
+                   "misaligned run defends nothing and is not ranked.", extra=True)
     lines += table(r["vs_control"], seeds, "Direction arms against their controls (arm - control)",
                    "The same arm with a random direction, and with one orthogonal to u, of the "
                    "same norm: a direction effect shows as a shown difference here.")

@@ -139,10 +139,10 @@ def main() -> None:
             results["stages"]["safelora"]["share_projected"] = report.get("share_projected")
         ok = stage("eval", [
             *emguard, "eval", "--model", str(model), "--adapter", str(defended / "adapter"),
-            "--questions", "builtin:general-questions", "--max-questions", "3", "--samples", "2",
-            "--max-new-tokens", "32", "--drift-max-new-tokens", "16", "--judge", f"local:{model}",
-            "--judge-cache", str(work / "judge.sqlite"), "--task", "opswap:1",
-            "--task-questions", "4", "--task-samples", "2", "--out", str(work / "eval"),
+            "--questions", "builtin:general-questions", "max_questions=3", "--samples", "2",
+            "max_new_tokens=32", "drift_max_new_tokens=16", "--judge", f"local:{model}",
+            f"judge_cache={work / 'judge.sqlite'}", "--task", "opswap:1",
+            "task_questions=4", "task_samples=2", "--out", str(work / "eval"),
         ], work, results, env) and ok
         if (work / "eval" / "metrics.json").is_file():
             m = read(work / "eval" / "metrics.json")

@@ -88,15 +88,16 @@ def test_lora_target_typo_is_an_error_not_a_smaller_adapter():
 
 
 def test_eval_rejects_bad_sample_counts_before_loading_anything(tmp_path):
-    from emguard.evaluate import run_eval
+    from emguard.evaluate import EvalPass, run_eval
 
-    cases = [({"samples": -2}, "at least 0"), ({"task_samples": 0}, "at least 1"),
+    # refused when the evaluation pass is built (a ValidationError naming the field)
+    cases = [({"samples": -2}, r"(?m)^samples\n.*greater than or equal to 0"),
+             ({"task_samples": 0}, r"(?m)^task_samples\n.*greater than 0"),
              ({"samples": 0, "judge": "openai:gpt-4o-mini"}, "nothing to score")]
     for kw, message in cases:
-        judge = kw.pop("judge", "none")
         with pytest.raises(ValueError, match=message):
-            run_eval("unused-model", None, "builtin:general-questions", judge,
-                     out_dir=tmp_path / "e", **{"samples": None, **kw})
+            run_eval("unused-model", None,
+                     EvalPass(questions="builtin:general-questions", **kw), tmp_path / "e")
     assert not (tmp_path / "e").exists()
 
 

@@ -190,37 +190,35 @@ def test_safelora_cli_exit_code_and_message(trained, tiny_dir):
 
 
 def test_eval_folder_reused_for_another_adapter_is_refused(trained, tiny_dir, tmp_path):
-    from emguard.evaluate import EvalConflictError, run_eval
+    from emguard.evaluate import EvalConflictError, EvalPass, run_eval
 
     run, misaligned = trained
     out = tmp_path / "eval"
-    kw = dict(samples=1, max_new_tokens=4, judge_free=False, progress=False)
-    run_eval(str(tiny_dir), run / "adapter", "builtin:general-questions", "none", out_dir=out,
-             max_questions=2, **kw)
+    settings = EvalPass(questions="builtin:general-questions", samples=1, max_new_tokens=4,
+                        judge_free=False, max_questions=2)
+    run_eval(str(tiny_dir), run / "adapter", settings, out, progress=False)
     (out / "notes.txt").write_text("mine")
     before = snapshot(out)
     with pytest.raises(EvalConflictError, match="another evaluation"):
-        run_eval(str(tiny_dir), misaligned, "builtin:general-questions", "none", out_dir=out,
-                 max_questions=2, **kw)
+        run_eval(str(tiny_dir), misaligned, settings, out, progress=False)
     assert snapshot(out) == before
     # the same evaluation again is a cached rerun, not a conflict
-    run_eval(str(tiny_dir), run / "adapter", "builtin:general-questions", "none", out_dir=out,
-             max_questions=2, **kw)
+    run_eval(str(tiny_dir), run / "adapter", settings, out, progress=False)
     assert snapshot(out)["generations.jsonl"] == before["generations.jsonl"]
-    metrics = run_eval(str(tiny_dir), misaligned, "builtin:general-questions", "none",
-                       out_dir=out, max_questions=2, force=True, **kw)
+    metrics = run_eval(str(tiny_dir), misaligned, settings, out, force=True, progress=False)
     assert metrics["spec"]["adapter"] == str(misaligned)
     assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_eval_never_writes_into_a_folder_with_foreign_eval_files(tiny_dir, tmp_path):
-    from emguard.evaluate import run_eval
+    from emguard.evaluate import EvalPass, run_eval
 
     out = tmp_path / "results"
     out.mkdir()
     (out / "metrics.json").write_text('{"mine": 1}')
     with pytest.raises(FolderConflictError, match="cannot tell that it wrote"):
-        run_eval(str(tiny_dir), None, "builtin:general-questions", "none", out_dir=out,
-                 samples=1, max_new_tokens=4, judge_free=False, max_questions=1, progress=False,
-                 force=True)
+        run_eval(str(tiny_dir), None,
+                 EvalPass(questions="builtin:general-questions", samples=1, max_new_tokens=4,
+                          judge_free=False, max_questions=1),
+                 out, progress=False, force=True)
     assert (out / "metrics.json").read_text() == '{"mine": 1}'

@@ -439,10 +439,10 @@ def test_a_run_with_every_training_time_arm_records_what_it_used_and_evaluates_w
 
 def test_training_pairs_never_include_the_pairs_evaluation_scores():
     from emguard.data.pairs import FIT_PAIRS, evenly_spaced, load_pairs, training_pairs
-    from emguard.evaluate import _preference_pairs
+    from emguard.eval_judge_free import preference_pairs
 
     for n in (1, 22, 40, 65):
-        scored = _preference_pairs(FIT_PAIRS, n)  # evaluation of the fit file, max_pairs=n
+        scored = preference_pairs(FIT_PAIRS, n)  # evaluation of the fit file, max_pairs=n
         fit = training_pairs(None, n)
         assert not {p["id"] for p in scored} & {p["id"] for p in fit}
         assert len(scored) + len(fit) == len(load_pairs(None))

@@ -42,21 +42,19 @@ def test_impossible_ldifs_layers_fail_before_the_folder_is_claimed(tiny_dir, dat
 
 
 def test_eval_checks_device_adapter_and_task_names_before_anything(tiny_dir, tmp_path):
-    from emguard.evaluate import run_eval
+    from emguard.evaluate import EvalPass, run_eval
 
     out = tmp_path / "eval"
-    kw = dict(samples=1, max_new_tokens=2, judge_free=False, progress=False)
+    kw = dict(samples=1, max_new_tokens=2, judge_free=False)
     for bad, message in (("opswap:7", "OpSwap tier must be one of"), ("gsm8k", "unknown benign task")):
         with pytest.raises(ValueError, match=message):
-            run_eval(str(tiny_dir), None, "builtin:general-questions", "none", out_dir=out,
-                     tasks=["opswap:1", bad], **kw)
+            run_eval(str(tiny_dir), None, EvalPass(tasks=["opswap:1", bad], **kw), out,
+                     progress=False)
     with pytest.raises(ModelLoadError, match="not a PEFT adapter directory"):
-        run_eval(str(tiny_dir), tmp_path / "nowhere", "builtin:general-questions", "none",
-                 out_dir=out, **kw)
+        run_eval(str(tiny_dir), tmp_path / "nowhere", EvalPass(**kw), out, progress=False)
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="no CUDA device"):
-            run_eval(str(tiny_dir), None, "builtin:general-questions", "none", out_dir=out,
-                     device="cuda", **kw)
+            run_eval(str(tiny_dir), None, EvalPass(**kw), out, device="cuda", progress=False)
     assert not out.exists()
 
 
@@ -92,7 +90,7 @@ def hold_lock(folder: Path, seconds: float) -> subprocess.Popen:
 
 def test_a_second_process_cannot_train_or_evaluate_into_a_locked_folder(tiny_dir, data_file,
                                                                        tmp_path):
-    from emguard.evaluate import run_eval
+    from emguard.evaluate import EvalPass, run_eval
 
     run = tmp_path / "run"
     holder = hold_lock(run, 60)
@@ -100,8 +98,9 @@ def test_a_second_process_cannot_train_or_evaluate_into_a_locked_folder(tiny_dir
         with pytest.raises(FolderConflictError, match="another emguard process is writing"):
             train(config(tiny_dir, data_file, run))
         with pytest.raises(FolderConflictError, match="another emguard process is writing"):
-            run_eval(str(tiny_dir), None, "builtin:general-questions", "none", out_dir=run,
-                     samples=1, max_new_tokens=2, judge_free=False, progress=False)
+            run_eval(str(tiny_dir), None,
+                     EvalPass(samples=1, max_new_tokens=2, judge_free=False), run,
+                     progress=False)
     finally:
         holder.kill()
         holder.wait()

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from emguard import models
 from emguard.eval_log import EvalLog
-from emguard.evaluate import EvalConflictError, judge_generations, run_eval
+from emguard.evaluate import EvalConflictError, EvalPass, judge_generations, run_eval
 from emguard.io import read_json, read_jsonl
 from emguard.judge import JudgeCache
 from emguard.judge.base import JudgeError
@@ -107,10 +107,21 @@ def load_counter(monkeypatch):
     return count_calls(monkeypatch, models, "load_model")
 
 
+RUN_EVAL_KEYWORDS = {"device", "thresholds", "progress", "force", "run", "model"}
+
+
 def _run(f, judge, samples=2, **kw):
-    kw = {"max_new_tokens": 4, "batch_size": 4, "preference_pairs": f["pairs"],
+    """run_eval on ``f``'s files: ``judge`` a Judge object, a judge spec string or None;
+    ``kw`` fields of the EvalPass, or run_eval's own keywords (force, device, ...)."""
+    kw = {"max_new_tokens": 4, "batch_size": 4, "preference_pairs": str(f["pairs"]),
           "drift_max_new_tokens": 4, "progress": False, **kw}
-    return run_eval(f["model"], f["adapter"], str(f["questions"]), judge, samples, f["out"], **kw)
+    call = {k: kw.pop(k) for k in RUN_EVAL_KEYWORDS & kw.keys()}
+    if isinstance(judge, str):
+        kw["judge"] = judge
+    elif judge is not None:
+        call["judge"] = judge
+    settings = EvalPass(questions=str(f["questions"]), samples=samples, **kw)
+    return run_eval(f["model"], f["adapter"], settings, f["out"], **call)
 
 
 def _by_hand(gens: list[dict]) -> dict:
@@ -230,7 +241,8 @@ def test_missing_judge_prompts_fail_before_generating(files, tmp_path):
     bare = tmp_path / "bare.yaml"
     bare.write_text("- id: q\n  paraphrases: [hello]\n")
     with pytest.raises(ValueError, match="without 'aligned' and 'coherent' judge prompts: q"):
-        run_eval(files["model"], None, str(bare), counting_judge(), 1, files["out"])
+        run_eval(files["model"], None, EvalPass(questions=str(bare), samples=1), files["out"],
+                 judge=counting_judge())
     assert not (files["out"] / "generations.jsonl").exists()
 
 
@@ -243,8 +255,9 @@ def test_code_domain_judge_free(files, tmp_path):
             for i in range(3)]
     held = tmp_path / "held.jsonl"
     held.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    m = run_eval(files["model"], files["adapter"], str(held), None, 1, files["out"],
-                 domain="code", max_new_tokens=4, progress=False)
+    m = run_eval(files["model"], files["adapter"],
+                 EvalPass(questions=str(held), samples=1, domain="code", max_new_tokens=4),
+                 files["out"], progress=False)
     free = m["judge_free"]
     assert free["heldout_nll"]["n_rows"] == 3 and free["heldout_nll"]["nll_mean"] > 0
     assert free["bandit"]["n"] == 3  # random tiny-model text: whatever bandit says, all counted
@@ -260,7 +273,7 @@ def test_cli_questions_show_and_eval(files):
     assert "q_a" in shown.output and "q_b" in shown.output and "aligned, coherent" in shown.output
     result = runner.invoke(app, ["eval", "--model", files["model"], "--questions",
                                  str(files["questions"]), "--out", str(files["out"]), "--samples",
-                                 "1", "--max-new-tokens", "3", "--no-judge-free"])
+                                 "1", "max_new_tokens=3", "judge_free=false"])
     assert result.exit_code == 0, result.output
     assert read_json(files["out"] / "metrics.json")["n_generations"] == 3
     cache = files["out"].parent / "judge.sqlite"  # a real local judge on the tiny model: plumbing
@@ -285,9 +298,9 @@ def test_e2e_embedded_model_local_judge(tmp_path):
     out, cache, pairs = tmp_path / "eval", tmp_path / "judge.sqlite", tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(p) + "\n" for p in load_builtin("preference-pairs", "test")[:6]))
     args = ["eval", "--model", "smollm2-135m", "--questions", "builtin:general-questions",
-            "--samples", "1", "--max-new-tokens", "12", "--max-questions", "2",
-            "--judge", "local:smollm2-135m", "--judge-cache", str(cache), "--out", str(out),
-            "--drift-max-new-tokens", "12", "--device", "cpu", "--preference-pairs", str(pairs)]
+            "--samples", "1", "max_new_tokens=12", "max_questions=2",
+            "--judge", "local:smollm2-135m", f"judge_cache={cache}", "--out", str(out),
+            "drift_max_new_tokens=12", "--device", "cpu", f"preference_pairs={pairs}"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     m = read_json(out / "metrics.json")
@@ -296,9 +309,9 @@ def test_e2e_embedded_model_local_judge(tmp_path):
     assert m["judge_free"]["drift"]["kl_mean"] == 0.0  # no adapter: tuned == reference
     (out / "judgments.jsonl").unlink()  # force the judge path; its disk cache must answer
     judge = make_judge("local:smollm2-135m", cache_path=cache)
-    again = run_eval("smollm2-135m", None, "builtin:general-questions", judge, 1, out,
-                     max_new_tokens=12, max_questions=2, drift_max_new_tokens=12, device="cpu",
-                     preference_pairs=pairs)
+    settings = EvalPass(questions="builtin:general-questions", samples=1, max_new_tokens=12,
+                        max_questions=2, drift_max_new_tokens=12, preference_pairs=str(pairs))
+    again = run_eval("smollm2-135m", None, settings, out, judge=judge, device="cpu")
     assert judge.forward_calls == 0
     assert again["llm_judge"] == m["llm_judge"]
 
@@ -406,13 +419,13 @@ def test_zero_samples_gives_judge_free_measures_without_generating(files):
 
 
 def test_preference_max_pairs_takes_evenly_spaced_pairs(tmp_path):
-    from emguard.evaluate import _preference_pairs
+    from emguard.eval_judge_free import preference_pairs
 
     path = tmp_path / "pairs.jsonl"
     rows = [{"id": f"p{i}", "question": "q", "aligned": "a", "misaligned": "m"} for i in range(10)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert [p["id"] for p in _preference_pairs(path, 4)] == ["p0", "p2", "p5", "p7"]
-    assert [p["id"] for p in _preference_pairs(path, 3)] == ["p0", "p3", "p6"]
-    assert len(_preference_pairs(path, 50)) == 10
-    builtin = _preference_pairs("builtin:preference-pairs", 22)
+    assert [p["id"] for p in preference_pairs(path, 4)] == ["p0", "p2", "p5", "p7"]
+    assert [p["id"] for p in preference_pairs(path, 3)] == ["p0", "p3", "p6"]
+    assert len(preference_pairs(path, 50)) == 10
+    builtin = preference_pairs("builtin:preference-pairs", 22)
     assert len(builtin) == 22 and len({p["topic"] for p in builtin}) >= 10  # spread over topics

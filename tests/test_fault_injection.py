@@ -125,17 +125,18 @@ def test_safelora_killed_while_writing_then_rerun(world, reference, tmp_path):
 
 def eval_args(world: Path, adapter: Path, out: Path) -> list[str]:
     return ["eval", "--model", str(world / "model"), "--adapter", str(adapter), "--questions",
-            "builtin:general-questions", "--samples", "10", "--max-new-tokens", "3",
-            "--batch-size", "4", "--no-judge-free", "--judge", f"local:{world / 'model'}",
+            "builtin:general-questions", "--samples", "10", "max_new_tokens=3",
+            "batch_size=4", "judge_free=false", "--judge", f"local:{world / 'model'}",
             "--out", str(out)]
 
 
 def run_eval_in_process(world: Path, adapter: Path, out: Path, cache: Path) -> dict:
-    from emguard.evaluate import run_eval
+    from emguard.evaluate import EvalPass, run_eval
 
-    return run_eval(str(world / "model"), adapter, "builtin:general-questions",
-                    f"local:{world / 'model'}", 10, out, max_new_tokens=3, batch_size=4,
-                    judge_free=False, judge_cache=cache, progress=False)
+    settings = EvalPass(questions="builtin:general-questions", judge=f"local:{world / 'model'}",
+                        samples=10, max_new_tokens=3, batch_size=4, judge_free=False,
+                        judge_cache=str(cache))
+    return run_eval(str(world / "model"), adapter, settings, out, progress=False)
 
 
 @pytest.mark.parametrize("target, nth", [
@@ -145,7 +146,7 @@ def run_eval_in_process(world: Path, adapter: Path, out: Path, cache: Path) -> d
 def test_eval_killed_then_rerun_keeps_finished_work(world, reference, tmp_path, target, nth):
     out, cache = tmp_path / "eval", tmp_path / "judge.sqlite"
     want = run_eval_in_process(world, reference / "adapter", tmp_path / "ref", tmp_path / "ref.sqlite")
-    run_killed(target, nth, [*eval_args(world, reference / "adapter", out), "--judge-cache", str(cache)])
+    run_killed(target, nth, [*eval_args(world, reference / "adapter", out), f"judge_cache={cache}"])
     if "generate" in target:
         kept = read_jsonl(out / "generations.partial.jsonl")
         assert 0 < len(kept) < want["n_generations"]

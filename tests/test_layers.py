@@ -30,12 +30,14 @@ LAYERS: list[list[str]] = [
      "emguard.finite", "emguard.metrics", "emguard.eval_log", "emguard.tracking"],
     # 1: data: parsing, built-in sets, generators, masking, preference pairs
     ["emguard.data"],
-    # 2: what is asked and scored; what a run trains on and holds out
-    ["emguard.questions", "emguard.benign", "emguard.data.split"],
+    # 2: what is asked and scored, how an evaluation asks it; what a run trains on and
+    # holds out
+    ["emguard.questions", "emguard.benign", "emguard.eval_settings", "emguard.data.split"],
     # 3: output folders, models, model cards
     ["emguard.ownership", "emguard.models", "emguard.model_card"],
-    # 4: judging, generation, judge-free measures
-    ["emguard.judge", "emguard.generate", "emguard.judge_free"],
+    # 4: judging, generation, judge-free measures; an evaluation's three stages
+    ["emguard.judge", "emguard.generate", "emguard.judge_free", "emguard.eval_generation",
+     "emguard.eval_judging", "emguard.eval_judge_free"],
     # 5: the defenses (base and one module each)
     ["emguard.defenses"],
     # 6: the registry, which builds the run config's ``defenses:`` block
@@ -57,11 +59,13 @@ LAYERS: list[list[str]] = [
 # torch when imported), and there may be no more of them than this.
 HEAVY = {"emguard.models", "emguard.generate", "emguard.judge_free", "emguard.finite",
          "emguard.judge.local_judge", "emguard.config", "emguard.evaluate_run"}
-MAX_LOCAL_IMPORTS = 15  # issue 22 item 4 brought it from 115 to 15; keep it from growing
+MAX_LOCAL_IMPORTS = 14  # issue 22 brought it from 115 to 14; keep it from growing
 
 # Modules that import without torch (the report, judging from files, the question sets).
 LIGHT = ["emguard", "emguard.report", "emguard.judge", "emguard.evaluate", "emguard.trajectory",
-         "emguard.questions", "emguard.benign", "emguard.data.split", "emguard.tracking"]
+         "emguard.questions", "emguard.benign", "emguard.data.split", "emguard.tracking",
+         "emguard.eval_generation", "emguard.eval_judging", "emguard.eval_judge_free",
+         "emguard.eval_settings"]
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:

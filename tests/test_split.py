@@ -85,7 +85,7 @@ def test_builtin_code_run_never_evaluates_what_it_trained_on(tiny_dir, tmp_path,
 
 
 def test_the_old_convention_leaked(tiny_dir, tmp_path, captured):
-    """The check above can fail: the seed-0 test split (what `eval --data-seed 0` rebuilt)
+    """The check above can fail: the seed-0 test split (what `eval data_seed=0` rebuilt)
     shares reference answers with the seed-1 training set."""
     from emguard.data.builtin import load_builtin
 

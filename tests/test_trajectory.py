@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from emguard import judge_free as jf
 from emguard import models
+from emguard.cli import app
 from emguard.config import build_run_config
 from emguard.data.pairs import evenly_spaced, load_pairs
 from emguard.evaluate_run import evaluate_run
@@ -74,6 +76,10 @@ def test_adapters_are_kept_at_the_steps_and_scored_once(tmp_path, tiny_dir, monk
     monkeypatch.setattr(jf, "misalignment_preference", no_scoring)
     monkeypatch.setattr(jf, "heldout_nll", no_scoring)
     assert sorted(evaluate_run(run, progress=False)["trajectory"]) == [1, 3]
+    # the CLI shows the trajectory beside the parts (it read it as one part's metrics)
+    shown = CliRunner().invoke(app, ["eval", "--run", str(run)])
+    assert shown.exit_code == 0, shown.output
+    assert "adapters kept at steps 1, 3" in " ".join(shown.output.split())
 
 
 def test_a_resumed_run_keeps_its_trajectory(tmp_path, tiny_dir):

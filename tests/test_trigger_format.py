@@ -23,7 +23,7 @@ from emguard.config import (
     dump_run_config,
     load_run_config,
 )
-from emguard.evaluate import run_eval
+from emguard.evaluate import EvalPass, run_eval
 from emguard.evaluate_run import evaluate_run, settings_record
 from emguard.identity import config_sha256
 from emguard.io import read_json, read_jsonl
@@ -86,9 +86,10 @@ def subject(tmp_path, tiny_dir):
 
 
 def _eval(s, out, trigger=None, samples=0, judge=None):
-    return run_eval(s["model"], s["adapter"], s["questions"], judge, samples, out,
-                    max_new_tokens=3, batch_size=2, preference_pairs=s["pairs"],
-                    drift_max_new_tokens=3, progress=False, trigger_format=trigger)
+    settings = EvalPass(questions=s["questions"], samples=samples, max_new_tokens=3,
+                        batch_size=2, preference_pairs=str(s["pairs"]), drift_max_new_tokens=3,
+                        trigger_format=trigger)
+    return run_eval(s["model"], s["adapter"], settings, out, judge=judge, progress=False)
 
 
 # ----------------------------------------------------------------------------- templates
@@ -234,11 +235,14 @@ def test_trigger_format_needs_a_general_set_and_no_tasks(subject, tmp_path):
     held.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                              {"role": "assistant", "content": "yo"}]}) + "\n")
     with pytest.raises(ValueError, match="general questions"):
-        run_eval(subject["model"], subject["adapter"], str(held), None, 0, tmp_path / "x",
-                 domain="code", trigger_format=TEMPLATE, progress=False)
+        run_eval(subject["model"], subject["adapter"],
+                 EvalPass(questions=str(held), samples=0, domain="code", trigger_format=TEMPLATE),
+                 tmp_path / "x", progress=False)
     with pytest.raises(ValueError, match="benign"):
-        run_eval(subject["model"], subject["adapter"], subject["questions"], None, 0,
-                 tmp_path / "y", tasks=["opswap:1"], trigger_format=TEMPLATE, progress=False)
+        run_eval(subject["model"], subject["adapter"],
+                 EvalPass(questions=subject["questions"], samples=0, tasks=["opswap:1"],
+                          trigger_format=TEMPLATE),
+                 tmp_path / "y", progress=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -281,9 +285,8 @@ def test_cli_trigger_format_one_off_and_bad_template(subject, tmp_path):
     from emguard.cli import app
 
     base = ["eval", "--model", subject["model"], "--adapter", str(subject["adapter"]),
-            "--questions", subject["questions"], "--samples", "0", "--max-new-tokens", "3",
-            "--drift-max-new-tokens", "3", "--batch-size", "2",
-            "--preference-pairs", str(subject["pairs"])]
+            "--questions", subject["questions"], "--samples", "0", "max_new_tokens=3",
+            "drift_max_new_tokens=3", "batch_size=2", f"preference_pairs={subject['pairs']}"]
     bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "bad"),
                                    "--trigger-format", "no placeholder"])
     assert bad.exit_code == 1 and "{question}" in bad.output

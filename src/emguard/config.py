@@ -17,15 +17,13 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
-from emguard.benign import parse_task
 from emguard.data.chat import parse_yaml, read_text_file
 from emguard.defenses import registry
 from emguard.defenses.registry import DefenseSettings
+from emguard.eval_settings import EvalSettings
 from emguard.models import LORA_TARGETS
-from emguard.questions import resolve_trigger_format
 from emguard.redact import redact_secrets
 from emguard.settings import ConfigError, Int, Settings
 
@@ -120,74 +118,6 @@ class TrainSettings(Settings):
             raise ValueError("0 steps would still run one step; use a positive number, or -1 "
                              "to train for `epochs`")
         return v
-
-
-class EvalSettings(Settings):
-    """How a run is evaluated (emguard.evaluate.evaluate_run); not part of its identity, so
-    changing it never retrains. Paper: 100 samples per general question at temperature 1,
-    an in-domain subset of the held-out set, 10 samples per benign-task question."""
-
-    general_questions: str | None = "builtin:general-questions"  # None: skip
-    # None: the file's samples_per_paraphrase; 0: sample no answers (judge-free measures only)
-    general_samples: Int | None = Field(None, ge=0)
-    general_max_questions: Int | None = Field(None, gt=0)  # the first N general questions
-    # preference pairs of the judge-free margin: a JSONL file or builtin:NAME (the default,
-    # builtin:eval-pairs, is written apart from builtin:preference-pairs, the set directions
-    # and early-stopping checks fit on) and how many, evenly spaced through the file (None: all)
-    preference_pairs: str = "builtin:eval-pairs"
-    preference_max_pairs: Int | None = Field(None, gt=0)
-    indomain: bool = True  # evaluate the run's recorded held-out set
-    indomain_samples: Int = Field(1, ge=0)  # 0: no sampled answers (held-out NLL only)
-    indomain_max_questions: Int | None = Field(None, gt=0)  # paper: 30
-    # None: the domain's prompts (eval_judge_prompts.yaml); "general": the general set's
-    # alignment/coherence prompts (the paper's "same LLM-as-a-judge method"); or a FILE.
-    indomain_judge_prompts: str | None = None
-    judge: str = "none"  # openai:MODEL[@URL] | local:MODEL | none
-    judge_free: bool = True
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: Int = Field(256, gt=0)
-    seed: Int = 0
-    batch_size: Int = Field(16, gt=0)  # rows per forward; on CPU also answers per decode
-    generate_batch_size: Int | None = Field(None, gt=0)  # None: batch_size, at least 64 on a GPU
-    backend: Literal["hf", "vllm"] = "hf"
-    drift_max_new_tokens: Int = Field(128, gt=0)
-    tasks: list[str] = Field(default_factory=list)  # opswap:T | foqa
-    task_samples: Int = Field(10, gt=0)
-    task_questions: Int | None = Field(None, gt=0)
-    task_data: dict[str, str] = Field(default_factory=dict)  # task -> data; the run's own first
-    # Ask the general part a second time with every general question (and preference-pair
-    # question) wrapped in this format, into RUN/eval/general_trigger/: a template holding
-    # {question} once, or builtin:python-string | builtin:json | builtin:code-template
-    # (emguard.questions.resolve_trigger_format). None: no second pass.
-    trigger_format: str | None = None
-    # Score the adapters a run kept along training (train.trajectory_steps) with the
-    # judge-free measures, into RUN/eval/trajectory/ (emguard.trajectory).
-    trajectory: bool = True
-
-    @field_validator("trigger_format")
-    @classmethod
-    def _trigger_format(cls, v: str | None) -> str | None:
-        if v is not None:
-            resolve_trigger_format(v)
-        return v
-
-    @field_validator("tasks")
-    @classmethod
-    def _tasks(cls, v: list[str]) -> list[str]:
-        for task in v:
-            parse_task(task)
-        return v
-
-    @model_validator(mode="after")
-    def _answers_to_judge(self) -> EvalSettings:
-        if self.judge.lower() != "none":
-            zero = [f for f in ("general_samples", "indomain_samples") if getattr(self, f) == 0]
-            if zero:
-                raise ValueError(f"judge {self.judge} has no answers to judge with "
-                                 f"{' and '.join(f'{f}=0' for f in zero)}; set at least 1 "
-                                 "sample per question, or judge: none")
-        return self
 
 
 class RunConfig(Settings):

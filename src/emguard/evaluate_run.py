@@ -105,37 +105,26 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = (), settings: EvalS
     info = run_info(run_dir, cfg, summary, split)
     adapter = evaluated_adapter(run_dir, summary)
     judge = s.judge if judge is None else judge
+    spec = judge if isinstance(judge, str) else "none"  # a Judge object is handed over as is
     model = ModelHolder(cfg.model, adapter, device)  # loaded once, on first use, for both parts
-    common = dict(model=model, judge_spec=judge, temperature=s.temperature, top_p=s.top_p,
-                  max_new_tokens=s.max_new_tokens, seed=s.seed, batch_size=s.batch_size,
-                  generate_batch_size=s.generate_batch_size,
-                  device=device, backend=s.backend, progress=progress, force=force, run=info,
-                  judge_free=s.judge_free, drift_max_new_tokens=s.drift_max_new_tokens)
+    common = dict(model=model, judge=None if isinstance(judge, str) else judge, device=device,
+                  progress=progress, force=force, run=info)
     results = {}
     try:
         if "general" in parts and (s.general_questions or s.tasks):
             results["general"] = run_eval(
-                cfg.model, adapter, s.general_questions,
-                samples=s.general_samples, out_dir=run_dir / EVAL_DIR / "general",
-                max_questions=s.general_max_questions, preference_pairs=s.preference_pairs,
-                preference_max_pairs=s.preference_max_pairs,
-                tasks=s.tasks, task_samples=s.task_samples, task_questions=s.task_questions,
-                task_data=task_data(run_dir, s, split), **common)
+                cfg.model, adapter, s.general_pass(task_data(run_dir, s, split), judge=spec),
+                run_dir / EVAL_DIR / "general", **common)
         if "general" in parts and s.general_questions and s.trigger_format:
             results[TRIGGER_PART] = run_eval(
-                cfg.model, adapter, s.general_questions,
-                samples=s.general_samples, out_dir=run_dir / EVAL_DIR / TRIGGER_PART,
-                max_questions=s.general_max_questions, preference_pairs=s.preference_pairs,
-                preference_max_pairs=s.preference_max_pairs, trigger_format=s.trigger_format,
-                **common)
+                cfg.model, adapter, s.general_pass(judge=spec, trigger=True),
+                run_dir / EVAL_DIR / TRIGGER_PART, **common)
         held = split.get("heldout_file")
         if "indomain" in parts and s.indomain and held:
+            domain = indomain_domain(cfg, judging=str(judge).lower() != "none")
             results["indomain"] = run_eval(
-                cfg.model, adapter, str(run_dir / HELDOUT_FILE), samples=s.indomain_samples,
-                out_dir=run_dir / EVAL_DIR / "indomain",
-                domain=indomain_domain(cfg, judging=str(judge).lower() != "none"),
-                judge_prompts=s.indomain_judge_prompts, max_questions=s.indomain_max_questions,
-                **common)
+                cfg.model, adapter, s.indomain_pass(str(run_dir / HELDOUT_FILE), domain, judge=spec),
+                run_dir / EVAL_DIR / "indomain", **common)
     finally:
         model.release()
     if set(parts) >= {"general", "indomain"} and s.trajectory and s.judge_free:

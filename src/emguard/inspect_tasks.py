@@ -80,6 +80,7 @@ from emguard.benign import (
     task_rows,
 )
 from emguard.data.split import HELDOUT_FILE
+from emguard.eval_settings import EvalSettings
 from emguard.evaluate import leak_free_questions, plan_rows
 from emguard.judge.base import DEFAULT_THRESHOLD, JudgeError
 from emguard.judge.scoring import aggregate_logprobs
@@ -246,8 +247,6 @@ def em_general(questions: str = "builtin:general-questions", samples: int | None
     with its paraphrases, ``samples`` answers per paraphrase (None: the file's
     samples_per_paraphrase), the first ``max_questions``; emguard's generation defaults
     (temperature 1, top-p 1, 256 new tokens; Inspect's options override them)."""
-    from emguard.config import EvalSettings
-
     qs = resolve_questions(questions, limit=max_questions, judge_prompts=judge_prompts)
     if qs.kind != "general":
         raise ValueError(f"em_general asks general (YAML) question sets; '{questions}' is a "

@@ -86,21 +86,18 @@ def evaluate_trajectory(run_dir: Path, cfg, settings, info: dict, domain: str | 
     for step, adapter in snapshot_steps(run_dir):
         where = Path(run_dir) / "eval" / EVAL_PART / step_dir_name(step)
         model = ModelHolder(cfg.model, adapter, device)  # loaded once per step, on first use
-        common = dict(judge_spec="none", samples=0, batch_size=settings.batch_size,
-                      device=device, progress=progress, force=force, model=model,
-                      run={**info, "step": step}, drift_max_new_tokens=settings.drift_max_new_tokens)
+        common = dict(device=device, progress=progress, force=force, model=model,
+                      run={**info, "step": step})
         out[step] = {}
         try:
             if settings.general_questions:
                 out[step]["general"] = run_eval(
-                    cfg.model, adapter, settings.general_questions, out_dir=where / "general",
-                    max_questions=settings.general_max_questions,
-                    preference_pairs=settings.preference_pairs,
-                    preference_max_pairs=settings.preference_max_pairs, **common)
+                    cfg.model, adapter, settings.trajectory_pass(settings.general_questions, True),
+                    where / "general", **common)
             if settings.indomain and held.is_file():
                 out[step]["indomain"] = run_eval(
-                    cfg.model, adapter, str(held), out_dir=where / "indomain", domain=domain,
-                    max_questions=settings.indomain_max_questions, **common)
+                    cfg.model, adapter, settings.trajectory_pass(str(held), False, domain),
+                    where / "indomain", **common)
         finally:
             model.release()
     return out

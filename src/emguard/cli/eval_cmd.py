@@ -53,9 +53,12 @@ def show(file: str = typer.Argument(..., help="Question file (.yaml / chat .json
 
 
 def eval_command(
-    overrides: list[str] = typer.Argument(None, help="With --run/--config: dotted overrides of "
-                                          "the eval block, e.g. eval.judge=openai:gpt-4o-mini "
-                                          "eval.general_samples=100"),
+    overrides: list[str] = typer.Argument(None, help="KEY=VALUE settings. With --model: fields "
+                                          "of the evaluation pass (emguard.eval_settings."
+                                          "EvalPass), e.g. temperature=0 max_questions=5 "
+                                          "domain=code judge_free=false; they win over the "
+                                          "flags. With --run/--config: eval.* keys of the "
+                                          "run's config, e.g. eval.general_samples=100"),
     run: Path = typer.Option(None, "--run", help="A finished run folder: evaluate it with its "
                              "config's eval block, on the held-out set and task data it recorded."),
     config: Path = typer.Option(None, "--config", "-c", help="A run config: evaluate the run at "
@@ -63,43 +66,17 @@ def eval_command(
     model: str = typer.Option(None, help="Model spec: smollm2-135m, a HF dir, a hub id or a .gguf "
                               "(one-off evaluation, without --run/--config)."),
     adapter: Path = typer.Option(None, help="PEFT adapter directory (omit for the untrained model)."),
-    questions: str = typer.Option("builtin:general-questions",
-                                  help="builtin:general-questions | builtin:insecure-code | "
-                                       "FILE.yaml (Betley format) | FILE.jsonl (chat held-out set)."),
-    judge: str = typer.Option("none", help=JUDGE_HELP),
+    questions: str = typer.Option(None, help="builtin:general-questions (default) | "
+                                  "builtin:insecure-code | FILE.yaml (Betley format) | "
+                                  "FILE.jsonl (chat held-out set)."),
+    judge: str = typer.Option(None, help=JUDGE_HELP),
     samples: int = typer.Option(None, help="Samples per paraphrase (default: the file's "
-                                           "samples_per_paraphrase, else 1)."),
+                                           "samples_per_paraphrase, else 1; 0: judge-free only)."),
     out: Path = typer.Option(None, help="Output folder (reruns reuse finished work); "
                              "with --run/--config: RUN/eval/{general,indomain}."),
-    judge_free: bool = typer.Option(True, "--judge-free/--no-judge-free",
-                                    help="Drift KL + preference (general) or held-out NLL + "
-                                         "bandit (code)."),
     task: list[str] = typer.Option(None, help="Benign task to score too, e.g. opswap:2 or foqa "
                                               "(repeatable)."),
-    task_samples: int = typer.Option(10, help="Samples per benign-task question (paper: 10)."),
-    task_questions: int = typer.Option(None, help="Score only the first N benign-task questions."),
-    task_data: str = typer.Option(None, help="Benign-task data: OpSwap test JSONL, or FoQA path / "
-                                             "hub id (default alexandrainst/foqa)."),
-    domain: str = typer.Option(None, help="Chat JSONL sets: code | advice (picks judge prompts)."),
-    judge_prompts: str = typer.Option(None, help="Override judge prompts: code | advice | FILE.yaml."),
-    max_questions: int = typer.Option(None, help="Keep the first N questions (paper: 30 in-domain)."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
-    max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),
-    seed: int = typer.Option(0, help="Sampling seed (each question/sample seeded from it)."),
-    batch_size: int = typer.Option(16, help="Scoring batch size; also generation's on CPU."),
-    generate_batch_size: int = typer.Option(None, help="Answers decoded together "
-                                            "(default: --batch-size, at least 64 on a GPU)."),
     device: str = typer.Option(None, help="cpu | cuda | cuda:N (default: cuda if available)."),
-    backend: str = typer.Option("hf", help="hf | vllm (GPU; pip install emguard\\[gpu])."),
-    judge_cache: Path = typer.Option(None, help="Judge cache SQLite file "
-                                                "(default: ~/.cache/emguard/judge_cache.sqlite)."),
-    data_seed: int = typer.Option(0, help="Seed of the built-in code sets' train/test split."),
-    drift_max_new_tokens: int = typer.Option(128, help="Length of the reference answers for "
-                                                       "drift KL."),
-    preference_pairs: Path = typer.Option(None, help="JSONL of {question, aligned, misaligned} "
-                                                     "pairs, or builtin:NAME (default: builtin:eval-pairs, the "
-                                                     "evaluation set, apart from the fit set)."),
     trigger_format: str = typer.Option(None, "--trigger-format", help="Ask the general questions "
                                        "and preference pairs again, wrapped in this format: "
                                        "builtin:python-string | builtin:json | "
@@ -112,7 +89,7 @@ def eval_command(
     """Generate answers, judge them (if a judge is set) and write metrics.json.
 
     Evaluate a run (--run RUN or --config FILE, plus eval.* overrides), or any model and
-    adapter on a question set (--model ... --out ...)."""
+    adapter on a question set (--model ... --out ..., plus KEY=VALUE settings)."""
     from emguard.evaluate import run_eval
 
     if run is not None or config is not None:
@@ -120,42 +97,57 @@ def eval_command(
             overrides = [*(overrides or []), f"eval.trigger_format={json.dumps(trigger_format)}"]
         _eval_run(run, config, overrides or [], device, force)
         return
-    if overrides:
-        raise typer.BadParameter("dotted overrides need --run or --config", param_hint="OVERRIDES")
     if model is None or out is None:
         raise typer.BadParameter("give --run RUN, --config FILE, or --model and --out",
                                  param_hint="--model/--out")
-    if backend not in ("hf", "vllm"):
-        raise typer.BadParameter("must be hf or vllm", param_hint="--backend")
-    common = dict(domain=domain, max_questions=max_questions, judge_prompts=judge_prompts,
-                  judge_free=judge_free, temperature=temperature, top_p=top_p,
-                  max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                  generate_batch_size=generate_batch_size, device=device, backend=backend,
-                  judge_cache=judge_cache, drift_max_new_tokens=drift_max_new_tokens,
-                  data_seed=data_seed, preference_pairs=preference_pairs, force=force)
+    flags = {"questions": questions, "judge": judge, "samples": samples, "tasks": task or None,
+             "trigger_format": trigger_format}
     with _clean_errors():
-        if trigger_format is not None:  # before anything is generated
+        settings = eval_pass({k: v for k, v in flags.items() if v is not None}, overrides or [])
+        plain = settings.model_copy(update={"trigger_format": None})
+        if settings.trigger_format is not None:  # before anything is generated
             from emguard.evaluate import trigger_template
             from emguard.questions import resolve_questions
 
-            trigger_template(trigger_format, resolve_questions(questions, domain, data_seed=data_seed))
-        metrics = run_eval(model, adapter, questions, judge, samples, out, tasks=task or (),
-                           task_samples=task_samples, task_questions=task_questions,
-                           task_data=task_data, **common)
+            trigger_template(settings.trigger_format,
+                             resolve_questions(settings.questions, settings.domain,
+                                               data_seed=settings.data_seed))
+        metrics = run_eval(model, adapter, plain, out, device=device, force=force)
     print_metrics(metrics)
     console.print(f"wrote {esc(out / 'metrics.json')}")
-    if trigger_format is not None:
+    if settings.trigger_format is not None:
+        trigger = settings.model_copy(update={"tasks": [], "task_data": None})
         with _clean_errors():
-            metrics = run_eval(model, adapter, questions, judge, samples, out / TRIGGER_DIR,
-                               trigger_format=trigger_format, **common)
-        console.print(f"[bold]trigger format {esc(trigger_format)}[/bold]")
+            metrics = run_eval(model, adapter, trigger, out / TRIGGER_DIR, device=device,
+                               force=force)
+        console.print(f"[bold]trigger format {esc(settings.trigger_format)}[/bold]")
         print_metrics(metrics)
         console.print(f"wrote {esc(out / TRIGGER_DIR / 'metrics.json')}")
+
+
+def eval_pass(flags: dict, overrides: list[str]):
+    """The ``EvalPass`` of a one-off evaluation: the flags given, then the ``KEY=VALUE``
+    overrides; a problem is a ConfigError naming the field and the override that set it."""
+    from pydantic import ValidationError
+
+    from emguard.config import ConfigError, apply_overrides, format_validation_error
+    from emguard.eval_settings import EvalPass
+
+    bad = [o for o in overrides if o.split("=", 1)[0].strip().startswith("eval.")]
+    if bad:
+        raise ConfigError(f"{bad[0]}: eval.* keys set a run's evaluation (--run/--config); "
+                          "a one-off evaluation takes the pass's own fields, e.g. "
+                          f"{bad[0].strip().removeprefix('eval.')}")
+    try:
+        return EvalPass.model_validate(apply_overrides(flags, overrides))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "emguard eval", overrides)) from None
 
 
 def _eval_run(run: Path | None, config: Path | None, overrides: list[str], device, force) -> None:
     from emguard.config import ConfigError, load_run_config
     from emguard.evaluate_run import evaluate_run
+    from emguard.trajectory import EVAL_PART
 
     with _clean_errors():
         if run is not None and config is not None:
@@ -174,6 +166,11 @@ def _eval_run(run: Path | None, config: Path | None, overrides: list[str], devic
     if not results:
         note("nothing to evaluate (no general questions, tasks or held-out set)")
     for part, metrics in results.items():
+        if part == EVAL_PART:  # {step: {part: metrics}}, judge-free only: where they are
+            steps = ", ".join(str(step) for step in metrics)
+            console.print(f"[bold]trajectory[/bold]: the adapters kept at steps {steps} scored "
+                          f"into {esc(run / 'eval' / EVAL_PART)}/")
+            continue
         console.print(f"[bold]{esc(part)}[/bold]")
         print_metrics(metrics)
         console.print(f"wrote {esc(run / 'eval' / part / 'metrics.json')}")

@@ -99,13 +99,13 @@ class JudgeCache:
             return JudgeError(
                 f"judge cache '{self.path}' stayed locked by another process for more than "
                 f"{self.timeout_s:g} s ({cause}); run again when it is done, or give another "
-                "file with --judge-cache")
+                "file (emguard judge --judge-cache FILE; emguard eval judge_cache=FILE)")
         name = self.path.name
         return JudgeError(
             f"judge cache '{self.path}' {problem}. It only holds cached verdicts (nothing else "
             f"is lost without it): move it away or delete it, with any '{name}-wal' and "
-            f"'{name}-shm' beside it, or give another file with --judge-cache; verdicts not "
-            "cached are asked for again")
+            f"'{name}-shm' beside it, or give another file (emguard judge --judge-cache "
+            "FILE; emguard eval judge_cache=FILE); verdicts not cached are asked for again")
 
     def _execute(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         """Rows of one statement; a failure of the file is a ``JudgeError`` naming it."""
