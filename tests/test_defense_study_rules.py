@@ -1,0 +1,67 @@
+"""The all-defenses study's verdicts (benchmarks/defense_study.py), on hand-built items:
+the difference-in-differences of a compensation control, "prevents", and the trade-off
+verdict against KL, which needs a shown reduction against the undefended run first."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import defense_study as ds  # noqa: E402
+
+SEEDS = [0, 1, 2]
+
+
+def _items(shift: list[float], nll_per_token: float) -> dict[str, np.ndarray]:
+    """Items of one run: per-pair shifts, and 4 held-out rows of 10 tokens each."""
+    return {"shift": np.array(shift), "nll": np.array([[10 * nll_per_token, 10.0]] * 4)}
+
+
+def _runs(offsets: dict[str, tuple[float, float]]) -> dict:
+    """(arm, seed) -> items: every arm's shift is a fixed per-pair pattern plus its offset
+    (seed-dependent noise shared by all arms, so paired differences are exact)."""
+    by = {}
+    for seed in SEEDS:
+        base = np.random.default_rng(seed).normal(0, 0.05, size=24)
+        for arm, (shift, nll) in offsets.items():
+            by[(arm, seed)] = _items(list(base + shift), nll)
+    return by
+
+
+def test_difference_in_differences_separates_prevention_from_compensation():
+    # steering lowers the shift by 0.10 on the misaligned data and by 0.10 on the aligned
+    # data too: all compensation, DiD = (-0.10) - (-0.10) = 0
+    comp = _runs({"misaligned": (0.30, 1.0), "aligned": (0.10, 1.5),
+                  "steer": (0.20, 1.1), "steer_on_aligned": (0.00, 1.6)})
+    d = ds.did(comp, "steer", "steer_on_aligned", SEEDS, np.random.default_rng(0))
+    assert d["shift"]["pooled"]["value"] == pytest.approx(0.0, abs=1e-12)
+    assert not d["shift"]["pooled"]["shown"] and ds.prevents(d).startswith("not shown")
+    # on the aligned data it changes nothing: DiD = -0.10 - 0 = -0.10, a prevention
+    prev = _runs({"misaligned": (0.30, 1.0), "aligned": (0.10, 1.5),
+                  "steer": (0.20, 1.1), "steer_on_aligned": (0.10, 1.5)})
+    d = ds.did(prev, "steer", "steer_on_aligned", SEEDS, np.random.default_rng(0))
+    assert d["shift"]["pooled"]["value"] == pytest.approx(-0.10, abs=1e-12)
+    # NLL: (1.1 - 1.0) - (1.5 - 1.5) nats per token
+    assert d["nll"]["pooled"]["value"] == pytest.approx(0.10, abs=1e-12)
+    assert ds.prevents(d) == "prevents"
+    assert ds.prevents(None) == "no compensation control"
+
+
+def test_an_arm_must_reduce_the_shift_before_it_can_beat_kl():
+    by = _runs({"misaligned": (0.30, 1.0), "kl": (0.25, 1.4),
+                "cheap": (0.30, 1.0),        # no reduction at all, far cheaper than KL
+                "better": (0.20, 1.0),       # less shift than KL and no NLL cost
+                "costly": (0.10, 2.0)})      # less shift than KL, more NLL
+    rng = np.random.default_rng(0)
+
+    def verdict(arm):
+        return ds.verdict_vs_kl(ds.contrast(by, arm, "kl", SEEDS, rng),
+                                ds.contrast(by, arm, "misaligned", SEEDS, rng))
+
+    assert verdict("cheap") == "no shown reduction"
+    assert verdict("better") == "beats KL"
+    assert verdict("costly") == "trades: less shift, more NLL"
