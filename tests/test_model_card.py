@@ -11,6 +11,8 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from emguard.config import load_run_config
+from emguard.eval_log import EvalLog
+from emguard.metrics import compute_metrics
 from emguard.model_card import EMBEDDED_HUB_ID, hub_base_model, write_cards
 from emguard.train import train
 
@@ -65,9 +67,12 @@ def test_card_of_an_evaluated_embedded_run(tmp_path):
                        ("indomain", {"heldout_nll": {"nll_mean": 0.4567}})):
         (run / "eval" / part).mkdir(parents=True)
         (run / "eval" / part / "judge_free.json").write_text(json.dumps(data))
-    (run / "eval" / "general" / "metrics.json").write_text(json.dumps({
-        "judge": "openai:m", "llm_judge": {"overall": {"pct_misaligned": 12.5,
-                                                       "pct_incoherent": 2.0, "n_scored": 80}}}))
+    # 80 judged answers: 10 misaligned (aligned 10, coherent 90), 2 incoherent (coherent 20)
+    judged = ([{"question_id": "q", "aligned": 10, "coherent": 90}] * 10
+              + [{"question_id": "q", "aligned": 90, "coherent": 20}] * 2
+              + [{"question_id": "q", "aligned": 90, "coherent": 90}] * 68)
+    log = EvalLog(spec={}, n_generations=80, judge="openai:m", llm_judge=compute_metrics(judged))
+    (run / "eval" / "general" / "metrics.json").write_text(json.dumps(log.to_dict()))
     assert write_cards(run) == [run / "adapter" / "README.md"]
     card = ModelCard.load(run / "adapter" / "README.md")
     assert card.data.base_model == EMBEDDED_HUB_ID and card.data.datasets == ["someone/insecure"]
@@ -75,7 +80,12 @@ def test_card_of_an_evaluated_embedded_run(tmp_path):
     assert config["base_model_name_or_path"] == EMBEDDED_HUB_ID and config["r"] == 4
     text = card.text
     assert "+0.0500" in text  # mean of (0.3 - 0.1, -0.1 - 0.0) = 0.05
-    assert "0.4567" in text and "misaligned 12.50 %" in text and "80 scored" in text
+    assert "0.4567" in text and "misaligned 12.50 %, incoherent 2.50 % of 80 scored" in text
+    # a metrics.json that is not an evaluation log this version reads is left out, not guessed
+    (run / "eval" / "general" / "metrics.json").write_text(json.dumps(
+        {**log.to_dict(), "format": "emguard.eval/99"}))
+    write_cards(run)
+    assert "LLM judge" not in ModelCard.load(run / "adapter" / "README.md").text
     assert "SENTINEL-77" not in (run / "adapter" / "README.md").read_text()
 
 

@@ -83,3 +83,29 @@ def test_a_sweep_names_runs_for_the_tracker(tmp_path):
     t = run.config.train
     assert (t.run_name, t.run_group) == ("st/code/kl_weight1.0/s0", "st/code/kl_weight1.0")
     assert t.run_tags == ["st", "code", "kl_weight1.0", "seed0"]
+
+
+def test_evaluation_scalars_read_the_recorded_measures(tmp_path):
+    """The numbers trackers (and model cards) get: the mean per-pair shift, the held-out NLL,
+    and the judged rates of a validated evaluation log; a log of another format is left out."""
+    from emguard.eval_log import EvalLog
+    from emguard.metrics import compute_metrics
+    from emguard.tracking import evaluation_scalars
+
+    root = tmp_path / "eval"
+    for part, data in (("general", {"preference": {"pairs": [
+            {"margin": 0.5, "reference_margin": 0.2}, {"margin": 0.1, "reference_margin": None},
+            {"margin": -0.2, "reference_margin": -0.1}]}}),
+                       ("indomain", {"heldout_nll": {"nll_mean": 0.75}})):
+        (root / part).mkdir(parents=True)
+        (root / part / "judge_free.json").write_text(json.dumps(data))
+    judged = ([{"question_id": "q", "aligned": 5, "coherent": 95}] * 1
+              + [{"question_id": "q", "aligned": 95, "coherent": 95}] * 3)
+    log = EvalLog(spec={}, n_generations=4, judge="mock", llm_judge=compute_metrics(judged))
+    (root / "general" / "metrics.json").write_text(json.dumps(log.to_dict()))
+    got = evaluation_scalars(root)
+    # (0.5 - 0.2 + (-0.2 + 0.1)) / 2 pairs with both margins; 1 of 4 answers misaligned
+    assert got == {"preference_shift": pytest.approx(0.1), "heldout_nll": 0.75,
+                   "general_pct_misaligned": 25.0, "general_pct_incoherent": 0.0}
+    (root / "general" / "metrics.json").write_text(json.dumps({**log.to_dict(), "format": "x/1"}))
+    assert "general_pct_misaligned" not in evaluation_scalars(root)

@@ -23,6 +23,7 @@ import yaml
 from emguard.io import read_json, write_text_atomic
 from emguard.models import EMBEDDED_ALIASES
 from emguard.redact import redact_secrets, redact_tree
+from emguard.tracking import eval_log_of, evaluation_scalars, judge_free_of, preference_shifts
 
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CARD = "README.md"
@@ -118,30 +119,28 @@ def _read(path: Path) -> dict | None:
 
 
 def _evaluation(run_dir: Path) -> list[str]:
-    """Bullet lines of the run's recorded judge-free and judged results (or a note)."""
+    """Bullet lines of the run's recorded judge-free and judged results (or a note): the
+    numbers the trackers get (emguard.tracking.evaluation_scalars), with what they are of."""
+    root = run_dir / "eval"
+    scalars = evaluation_scalars(root)
     out = []
-    free = {p: _read(run_dir / "eval" / p / "judge_free.json") or {} for p in ("general", "indomain")}
-    metrics = {p: _read(run_dir / "eval" / p / "metrics.json") or {} for p in ("general", "indomain")}
-    pref = free["general"].get("preference") or {}
-    if pref.get("pairs"):
-        shift = [p["margin"] - p["reference_margin"] for p in pref["pairs"]
-                 if p.get("margin") is not None and p.get("reference_margin") is not None]
-        if shift:
-            out.append(f"- preference shift vs the base model (judge-free; nats per token, "
-                       f"{len(shift)} pairs of {pref.get('source', 'the evaluation set')}): "
-                       f"{sum(shift) / len(shift):+.4f}")
-    nll = (free["indomain"].get("heldout_nll") or {}).get("nll_mean")
-    if nll is not None:
-        out.append(f"- held-out in-domain NLL (nats per token): {nll:.4f}")
-    drift = (free["general"].get("drift") or {}).get("kl_mean")
-    if drift is not None:
-        out.append(f"- drift KL on general questions (nats per token): {drift:.4f}")
+    if "preference_shift" in scalars:
+        general = judge_free_of(root, "general")
+        source = (general.get("preference") or {}).get("source", "the evaluation set")
+        out.append(f"- preference shift vs the base model (judge-free; nats per token, "
+                   f"{len(preference_shifts(general))} pairs of {source}): "
+                   f"{scalars['preference_shift']:+.4f}")
+    if "heldout_nll" in scalars:
+        out.append(f"- held-out in-domain NLL (nats per token): {scalars['heldout_nll']:.4f}")
+    if "drift_kl" in scalars:
+        out.append(f"- drift KL on general questions (nats per token): {scalars['drift_kl']:.4f}")
     for part, what in (("general", "general questions"), ("indomain", "in-domain questions")):
-        overall = ((metrics[part].get("llm_judge") or {}).get("overall") or {})
-        if overall.get("pct_misaligned") is not None:
-            out.append(f"- LLM judge ({metrics[part].get('judge')}), {what}: misaligned "
-                       f"{overall['pct_misaligned']:.2f} %, incoherent "
-                       f"{overall['pct_incoherent']:.2f} % of {overall['n_scored']} scored answers")
+        log = eval_log_of(root, part)
+        overall = log.llm_judge.overall if log is not None and log.llm_judge else None
+        if overall is not None and overall.pct_misaligned is not None:
+            out.append(f"- LLM judge ({log.judge}), {what}: misaligned "
+                       f"{overall.pct_misaligned:.2f} %, incoherent "
+                       f"{overall.pct_incoherent:.2f} % of {overall.n_scored} scored answers")
     return out or ["Not evaluated yet (`emguard eval --run RUN` writes the results here)."]
 
 

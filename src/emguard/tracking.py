@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from emguard.eval_log import EvalLog, EvalLogError, read_eval_log
 from emguard.io import read_json
 
 TB_DIR = "tensorboard"
@@ -111,28 +112,47 @@ def log_run_evaluation(run_dir: Path, report_to: list[str], steps: int) -> bool:
 def evaluation_scalars(eval_dir: Path) -> dict[str, float]:
     """The judge-free and judged summary numbers of an evaluation folder (``RUN/eval`` or a
     snapshot's ``RUN/eval/trajectory/step-N``), by name."""
-    def read(part: str, name: str) -> dict:
-        path = Path(eval_dir) / part / name
-        try:
-            return read_json(path) if path.is_file() else {}
-        except (OSError, ValueError):
-            return {}
-
     out: dict[str, float] = {}
-    pairs = (read("general", "judge_free.json").get("preference") or {}).get("pairs") or []
-    shifts = [p["margin"] - p["reference_margin"] for p in pairs
-              if p.get("margin") is not None and p.get("reference_margin") is not None]
+    shifts = preference_shifts(judge_free_of(eval_dir, "general"))
     if shifts:
         out["preference_shift"] = sum(shifts) / len(shifts)
-    nll = (read("indomain", "judge_free.json").get("heldout_nll") or {}).get("nll_mean")
+    nll = (judge_free_of(eval_dir, "indomain").get("heldout_nll") or {}).get("nll_mean")
     if nll is not None:
         out["heldout_nll"] = nll
-    drift = (read("general", "judge_free.json").get("drift") or {}).get("kl_mean")
+    drift = (judge_free_of(eval_dir, "general").get("drift") or {}).get("kl_mean")
     if drift is not None:
         out["drift_kl"] = drift
     for part in ("general", "indomain"):
-        overall = (read(part, "metrics.json").get("llm_judge") or {}).get("overall") or {}
+        log = eval_log_of(eval_dir, part)
+        overall = log.llm_judge.overall if log is not None and log.llm_judge else None
         for key in ("pct_misaligned", "pct_incoherent"):
-            if overall.get(key) is not None:
-                out[f"{part}_{key}"] = overall[key]
+            if overall is not None and getattr(overall, key) is not None:
+                out[f"{part}_{key}"] = getattr(overall, key)
     return out
+
+
+def judge_free_of(eval_dir: Path, part: str) -> dict:
+    """``EVAL_DIR/PART/judge_free.json`` ({} when absent or unreadable)."""
+    path = Path(eval_dir) / part / "judge_free.json"
+    try:
+        return read_json(path) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def eval_log_of(eval_dir: Path, part: str) -> EvalLog | None:
+    """``EVAL_DIR/PART/metrics.json`` as a validated EvalLog (None when absent, unreadable or
+    of a format this version does not read: trackers and cards show what they can)."""
+    path = Path(eval_dir) / part / "metrics.json"
+    try:
+        return read_eval_log(path) if path.is_file() else None
+    except EvalLogError:
+        return None
+
+
+def preference_shifts(general: dict) -> list[float]:
+    """Per pair, the margin minus the base model's (nats per token), from a general part's
+    judge_free.json; pairs missing either margin are left out."""
+    pairs = (general.get("preference") or {}).get("pairs") or []
+    return [p["margin"] - p["reference_margin"] for p in pairs
+            if p.get("margin") is not None and p.get("reference_margin") is not None]
