@@ -261,12 +261,18 @@ def trajectory_estimates(runs: list[RunResult], keys: list[str], seed: int = 0
     return out
 
 
+def _same_point(candidates: list, point: tuple, grid_of):
+    """The one candidate whose grid values (``grid_of(candidate)``) are all among
+    ``point``'s, e.g. a baseline or control at the same learning rate as an arm's cell;
+    else the only candidate; else None."""
+    fits = [c for c in candidates if set(grid_of(c)) <= set(point)]
+    return fits[0] if len(fits) == 1 else candidates[0] if len(candidates) == 1 else None
+
+
 def _matching(cells: dict, domain: str, arm: str, point: tuple) -> tuple | None:
-    """The cell of ``arm`` in ``domain`` whose grid values are all among ``point``'s (the
-    positive control at the same learning rate), or its only cell."""
-    mine = [c for c in cells if c[0] == domain and c[1] == arm]
-    fits = [c for c in mine if set(c[2]) <= set(point)]
-    return fits[0] if len(fits) == 1 else mine[0] if len(mine) == 1 else None
+    """The cell of ``arm`` in ``domain`` at ``point`` (``_same_point``)."""
+    return _same_point([c for c in cells if c[0] == domain and c[1] == arm], point,
+                       lambda c: c[2])
 
 
 def ceiling_table(runs: list[RunResult]) -> Table | None:
@@ -296,11 +302,9 @@ def ceiling_table(runs: list[RunResult]) -> Table | None:
 
 def _seed_run(runs: list[RunResult], domain: str, arm: str, point: tuple, seed: int
               ) -> RunResult | None:
-    """The run of ``arm`` in ``domain`` at ``seed`` whose grid values are all among
-    ``point``'s (a baseline at the same learning rate), or its only run there."""
-    mine = [r for r in runs if r.domain == domain and r.arm == arm and r.seed == seed]
-    fits = [r for r in mine if set(r.cell[2]) <= set(point)]
-    return fits[0] if len(fits) == 1 else mine[0] if len(mine) == 1 else None
+    """The run of ``arm`` in ``domain`` at ``seed`` and ``point`` (``_same_point``)."""
+    return _same_point([r for r in runs if r.domain == domain and r.arm == arm and r.seed == seed],
+                       point, lambda r: r.cell[2])
 
 
 def _margins(run: RunResult | None) -> dict[str, float]:
