@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from emguard.cli.console import console, error, esc, file_problem, note, warning
+from emguard.eval_settings import EvalPass
 
 TRIGGER_DIR = "trigger"  # a one-off evaluation's trigger-format pass: OUT/trigger/
 questions_app = typer.Typer(help="Inspect evaluation question files.", no_args_is_help=True)
@@ -57,7 +58,8 @@ def eval_command(
                                           "of the evaluation pass (emguard.eval_settings."
                                           "EvalPass), e.g. temperature=0 max_questions=5 "
                                           "domain=code judge_free=false; they win over the "
-                                          "flags. With --run/--config: eval.* keys of the "
+                                          "flags. Fields: " + ", ".join(EvalPass.model_fields)
+                                          + ". With --run/--config: eval.* keys of the "
                                           "run's config, e.g. eval.general_samples=100"),
     run: Path = typer.Option(None, "--run", help="A finished run folder: evaluate it with its "
                              "config's eval block, on the held-out set and task data it recorded."),
@@ -131,7 +133,6 @@ def eval_pass(flags: dict, overrides: list[str]):
     from pydantic import ValidationError
 
     from emguard.config import ConfigError, apply_overrides, format_validation_error
-    from emguard.eval_settings import EvalPass
 
     bad = [o for o in overrides if o.split("=", 1)[0].strip().startswith("eval.")]
     if bad:
