@@ -31,8 +31,9 @@ def judge_free_results(out: Path, qs: QuestionSet, rows: list[dict], holder: Mod
     pairs = preference_pairs(pairs_path, max_pairs) if qs.kind == "general" else []
     pairs = wrap_pairs(pairs, trigger) if trigger is not None else pairs
     key = short_sha({"model": spec["model"], "adapter": spec["adapter_sha256"],
-                "questions": qs.sha256, "gen_key": spec["gen_key"] if qs.kind == "chat" else None,
-                "pairs": short_sha(pairs), "drift_tokens": drift_tokens})
+                     "questions": qs.sha256,
+                     "gen_key": spec["gen_key"] if qs.kind == "chat" else None,
+                     "pairs": short_sha(pairs), "drift_tokens": drift_tokens})
     path = out / "judge_free.json"
     if path.is_file() and read_json(path).get("key") == key:
         return read_json(path)
@@ -163,8 +164,8 @@ def score_task(out: Path, task: str, holder: ModelHolder, gen: GenerationSetting
     from emguard.generate import generate_answers
 
     key = short_sha({"task": task, "samples": samples, "n_questions": n_questions, "data": data,
-                "model": spec["model"], "adapter": spec["adapter_sha256"],
-                "gen": [gen.temperature, gen.top_p, gen.seed]})
+                     "model": spec["model"], "adapter": spec["adapter_sha256"],
+                     "gen": [gen.temperature, gen.top_p, gen.seed]})
     path = out / f"task_{task.replace(':', '-')}.json"
     if path.is_file() and read_json(path).get("key") == key:
         return read_json(path)["result"]
