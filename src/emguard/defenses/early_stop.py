@@ -82,7 +82,7 @@ FIELD = "defenses.early_stop"
 # Each was measured on other pairs of the same set and in another regime than a run's own
 # checks may use: a noise scale, not an exact null distribution.
 SEED_SPREAD = {
-    FIT_PAIRS: (0.083, "docs/defense_study.md: misaligned arm, shift +/-sd over seeds 0-2 "
+    FIT_PAIRS: (0.083, "docs/defense_study_6step.md: misaligned arm, shift +/-sd over seeds 0-2 "
                        "(6 steps at lr 1e-3, 22 held-out pairs of the set)"),
     EVAL_PAIRS: (0.036, "docs/regime.md (benchmarks/results/regime.json): misaligned - "
                         "untrained over seeds 0-2 at the chosen regime (12 steps at lr 5e-4, "
