@@ -95,7 +95,7 @@ def analyse(study_dir: Path, name: str) -> dict:
             early[(arm_label(r.arm, r.cell[2]), r.seed)] = items(at_step(r, steps[0]))
     on_aligned = {arm_label(r.control_of, r.cell[2]): arm_label(r.arm, r.cell[2])
                   for r in done if r.control_of}
-    seeds = sorted({s for _, s in by})
+    seeds = sorted({s for a, s in by if a == "misaligned"})  # a seed counts once its baseline ran
     arms = list(dict.fromkeys(a for a, _ in by))
     complete = [a for a in arms if all((a, s) in by for s in seeds)]
     rng = np.random.default_rng(0)
@@ -121,13 +121,9 @@ def analyse(study_dir: Path, name: str) -> dict:
     for d, ctrl in on_aligned.items():
         if d in complete and ctrl in complete:
             out["compensation"][d] = did(by, d, ctrl, seeds, rng)
-    for d in defenses:
-        if "control=none" not in d:
-            continue
-        for ctrl in DIRECTION_CONTROLS:
-            other = d.replace("control=none", f"control={ctrl}")
-            if other in complete:
-                out["vs_control"][f"{d} - {ctrl}"] = contrast(by, d, other, seeds, rng)
+    for ctrl_arm, arm in controlled_arms(done).items():  # the same settings, direction u
+        if ctrl_arm in complete and arm in complete:
+            out["vs_control"][f"{arm} - {ctrl_arm}"] = contrast(by, arm, ctrl_arm, seeds, rng)
     ema = out["vs_misaligned"].get("misaligned - untrained")
     for d in defenses:
         c = out["vs_misaligned"][f"{d} - misaligned"]
@@ -135,7 +131,11 @@ def analyse(study_dir: Path, name: str) -> dict:
                "reduction": (-c["shift"]["pooled"]["value"] / ema["shift"]["pooled"]["value"]
                              if ema and ema["shift"]["pooled"]["value"] > 0 else None),
                "prevents": prevents(out["compensation"].get(d)),
+               "vs_controls": versus_controls({k.split(" - ", 1)[1]: c for k, c in
+                                               out["vs_control"].items() if k.startswith(f"{d} - ")}),
                "vs_kl": {kl: out["vs_kl"][f"{d} - {kl}"]["verdict"] for kl in kls if kl != d}}
+        if row["prevents"] == "prevents" and row["vs_controls"] != "below every control":
+            row["prevents"] = "DiD < 0, but not below its direction controls"
         if all((a, s) in early for a in (d, "misaligned") for s in seeds):
             row["shift_early"] = summarise({s: bootstrap("shift", early[(d, s)]["shift"],
                                                          early[("misaligned", s)]["shift"], rng)
@@ -149,6 +149,43 @@ def analyse(study_dir: Path, name: str) -> dict:
     return out
 
 
+def _direction_control(defenses: dict) -> str | None:
+    """The direction control (random, orthogonal) a run's defenses use, or None."""
+    used = [d.get("control") for d in defenses.values() if isinstance(d, dict)]
+    return next((c for c in used if c not in (None, "none")), None)
+
+
+def controlled_arms(runs) -> dict[str, str]:
+    """Label of each direction-control arm -> label of the arm with the same defenses but
+    the real direction (control none): the random and orthogonal controls of a setting."""
+    def label(r):
+        return arm_label(r.arm, r.cell[2])
+
+    out = {}
+    for r in runs:
+        control = _direction_control((r.config or {}).get("defenses") or {})
+        if control is None:
+            continue
+        want = {k: ({**v, "control": "none"} if isinstance(v, dict) else v)
+                for k, v in r.config["defenses"].items()}
+        same = [o for o in runs if o.seed == r.seed and o.domain == r.domain and not o.control_of
+                and (o.config or {}).get("defenses") == want]
+        if len(same) == 1:
+            out[label(r)] = label(same[0])
+    return out
+
+
+def versus_controls(contrasts: dict[str, dict]) -> str:
+    """Whether an arm's shift is shown below each of its direction controls' ("-": none run)."""
+    if not contrasts:
+        return "-"
+    below = [name for name, c in contrasts.items()
+             if c["shift"]["pooled"]["shown"] and c["shift"]["pooled"]["value"] < 0]
+    if len(below) == len(contrasts):
+        return "below every control"
+    return f"below {len(below)} of {len(contrasts)} controls"
+
+
 def prevents(c: dict | None) -> str:
     """The verdict of a difference-in-differences on the shift: only an arm with its
     compensation control run can be said to prevent."""
@@ -157,7 +194,9 @@ def prevents(c: dict | None) -> str:
     p = c["shift"]["pooled"]
     if not p["shown"]:
         return "not shown (only compensates?)"
-    return "prevents" if p["value"] < 0 else "raises"
+    # above 0: the arm lowers the aligned run's shift more than the misaligned run's, so
+    # misaligned - aligned (the EMA-specific contrast) is wider with the arm than without
+    return "prevents" if p["value"] < 0 else "no: DiD > 0 (widens misaligned - aligned)"
 
 
 def table(rows: dict, seeds: list[int], title: str, note: str, extra=None) -> list[str]:
@@ -193,20 +232,23 @@ def markdown(r: dict, settings: str) -> str:
     lines += ["![trade-off](defense_study.png)", "", "## Per defense: what it buys and what it costs", "",
               "Shift and NLL: arm - misaligned, pooled [interval] (lower shift = less EMA; higher NLL = "
               "the narrow task learned less). Reduction: the share of the misaligned - untrained shift "
-              "removed (point estimate; the claim is the interval of the shift). Prevents: the "
-              "difference-in-differences against the arm's compensation control (below); an arm "
-              "without that control is never called a prevention. Against KL: the trade-off verdict, "
+              "removed (point estimate; the claim is the interval of the shift). Direction controls: "
+              "is the shift shown below that of the same setting with a random and an orthogonal "
+              "direction. Prevents: the difference-in-differences against the arm's compensation "
+              "control (below) shown below 0, and the shift below every direction control; an arm "
+              "without a compensation control is never called a prevention. Against KL: the trade-off verdict, "
               "paired (arm - KL)."
               + (f" Early: arm - misaligned shift at step {r['early_step']}." if r.get("early_step") else ""), ""]
     kls = sorted({kl for row in r["per_defense"].values() for kl in row["vs_kl"]})
-    head = ["arm", "shift - misaligned", "reduction", "NLL - misaligned", "prevents"]
+    head = ["arm", "shift - misaligned", "reduction", "NLL - misaligned", "vs its direction controls",
+            "prevents"]
     head += [f"vs {kl}" for kl in kls] + (["early shift - misaligned"] if r.get("early_step") else [])
-    lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * 3 + "---|" * (1 + len(kls))
+    lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * 3 + "---|" * (2 + len(kls))
               + ("---:|" if r.get("early_step") else "")]
     for arm, row in r["per_defense"].items():
         red = f"{round(100 * row['reduction'])} %" if row["reduction"] is not None else "-"
         mark = lambda c: fmt(c) + (" ✓" if c["shown"] else "")  # noqa: E731
-        cells = [arm, mark(row["shift"]), red, mark(row["nll"]), row["prevents"]]
+        cells = [arm, mark(row["shift"]), red, mark(row["nll"]), row["vs_controls"], row["prevents"]]
         cells += [row["vs_kl"].get(kl, "-") for kl in kls]
         if r.get("early_step"):
             cells.append(mark(row["shift_early"]) if "shift_early" in row else "-")
@@ -220,7 +262,9 @@ def markdown(r: dict, settings: str) -> str:
     lines += table(r["compensation"], seeds, "Compensation controls: difference-in-differences",
                    "(arm - misaligned) - (the same arm trained on the aligned data - aligned), per "
                    "item and seed. A push that the adapter learns to cancel moves both differences "
-                   "alike (about 0); a defense that prevents EMA lowers the first only (below 0).")
+                   "alike (about 0); a defense that prevents EMA lowers the first only (below 0). "
+                   "Above 0: the arm lowers the aligned run's shift more than the misaligned "
+                   "run's, so the EMA-specific contrast (misaligned - aligned) is wider with it.")
     lines += table(r["vs_kl"], seeds, "Against KL (arm - KL): the trade-off",
                    "Beats KL: the arm shows a lower shift than the undefended run, and against "
                    "KL a shown lower shift without a shown higher NLL, or a shown lower NLL "
