@@ -65,3 +65,30 @@ def test_an_arm_must_reduce_the_shift_before_it_can_beat_kl():
     assert verdict("cheap") == "no shown reduction"
     assert verdict("better") == "beats KL"
     assert verdict("costly") == "trades: less shift, more NLL"
+
+
+def test_a_direction_arm_is_read_against_its_own_controls():
+    """Controls are matched by config (same defenses, control none), and the arm must show
+    a lower shift than every control."""
+    from types import SimpleNamespace
+
+    def run(arm, point, control, alpha, control_of=None):
+        steering = {"layers": [15], "alpha": alpha, "control": control}
+        return SimpleNamespace(arm=arm, cell=("code", arm, point), seed=0, domain="code",
+                               control_of=control_of,
+                               config={"defenses": {"steering": steering, "kl": None}})
+
+    runs = [run("steering", (("alpha", 0.05),), "none", 0.05),
+            run("steering", (("alpha", 0.15),), "none", 0.15),
+            run("steering_on_aligned", (("alpha", 0.15),), "none", 0.15, control_of="steering"),
+            run("steering_controls", (("control", "random"),), "random", 0.15),
+            run("steering_controls", (("control", "orthogonal"),), "orthogonal", 0.15)]
+    label = ds.arm_label
+    assert ds.controlled_arms(runs) == {
+        label("steering_controls", (("control", "random"),)): label("steering", (("alpha", 0.15),)),
+        label("steering_controls", (("control", "orthogonal"),)): label("steering", (("alpha", 0.15),))}
+    below = {"shift": {"pooled": {"shown": True, "value": -0.05}}}
+    level = {"shift": {"pooled": {"shown": False, "value": -0.01}}}
+    assert ds.versus_controls({"random": below, "orthogonal": below}) == "below every control"
+    assert ds.versus_controls({"random": below, "orthogonal": level}) == "below 1 of 2 controls"
+    assert ds.versus_controls({}) == "-"
