@@ -89,9 +89,10 @@ def analyse(study_dir: Path, name: str) -> dict:
     done = [r for r in runs if r.free.get("general")]
     by = {(arm_label(r.arm, r.cell[2]), r.seed): items(r) for r in done}
     early = {}  # (arm, seed) -> items at the first kept trajectory step, where every run has it
-    steps = sorted(set.intersection(*(set(r.trajectory) for r in done))) if done else []
+    kept = [r for r in done if r.trajectory]  # trained runs (the untrained arm keeps none)
+    steps = sorted(set.intersection(*(set(r.trajectory) for r in kept))) if kept else []
     if steps:
-        for r in done:
+        for r in kept:
             early[(arm_label(r.arm, r.cell[2]), r.seed)] = items(at_step(r, steps[0]))
     on_aligned = {arm_label(r.control_of, r.cell[2]): arm_label(r.arm, r.cell[2])
                   for r in done if r.control_of}
