@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from emguard.cli import app
-from emguard.eval_settings import EvalPass, EvalSettings
+from emguard.eval_settings import ANSWERING, EvalPass, EvalSettings
 from emguard.evaluate import run_eval
 from emguard.io import read_json
 from emguard.settings import ConfigError
@@ -28,6 +28,7 @@ def test_shared_fields_are_defined_alike():
     shared = set(EvalPass.model_fields) & set(EvalSettings.model_fields)
     assert {"judge", "temperature", "top_p", "max_new_tokens", "seed", "batch_size",
             "preference_pairs", "tasks", "trigger_format"} <= shared
+    assert set(ANSWERING) <= shared  # what a run's passes copy from its eval block
     for name in shared - {"task_data"}:  # a pass takes one data for every task, or a mapping
         a, b = EvalPass.model_fields[name], EvalSettings.model_fields[name]
         assert (a.annotation, a.metadata) == (b.annotation, b.metadata), name

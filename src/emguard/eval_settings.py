@@ -21,6 +21,9 @@ from emguard.questions import resolve_trigger_format
 from emguard.settings import Int, Settings
 
 EVAL_PAIRS = "builtin:eval-pairs"  # the evaluation pairs, written apart from the fit set
+# How answers are sampled and scored: fields of both models, the same in every pass of a run.
+ANSWERING = ("judge_free", "temperature", "top_p", "max_new_tokens", "seed", "batch_size",
+             "generate_batch_size", "backend", "drift_max_new_tokens")
 
 
 def _check_trigger_format(v: str | None) -> str | None:
@@ -154,10 +157,7 @@ class EvalSettings(Settings):
 
     def _asked(self, judge: str) -> dict:
         """The fields every pass of a run shares: how answers are sampled and scored."""
-        return {"judge": judge, "judge_free": self.judge_free, "temperature": self.temperature,
-                "top_p": self.top_p, "max_new_tokens": self.max_new_tokens, "seed": self.seed,
-                "batch_size": self.batch_size, "generate_batch_size": self.generate_batch_size,
-                "backend": self.backend, "drift_max_new_tokens": self.drift_max_new_tokens}
+        return {"judge": judge, **{name: getattr(self, name) for name in ANSWERING}}
 
     def general_pass(self, task_data: dict[str, str | None] | None = None,
                      judge: str | None = None, trigger: bool = False) -> EvalPass:

@@ -113,13 +113,14 @@ def evaluation_scalars(eval_dir: Path) -> dict[str, float]:
     """The judge-free and judged summary numbers of an evaluation folder (``RUN/eval`` or a
     snapshot's ``RUN/eval/trajectory/step-N``), by name."""
     out: dict[str, float] = {}
-    shifts = preference_shifts(judge_free_of(eval_dir, "general"))
+    general = judge_free_of(eval_dir, "general")
+    shifts = preference_shifts(general)
     if shifts:
         out["preference_shift"] = sum(shifts) / len(shifts)
     nll = (judge_free_of(eval_dir, "indomain").get("heldout_nll") or {}).get("nll_mean")
     if nll is not None:
         out["heldout_nll"] = nll
-    drift = (judge_free_of(eval_dir, "general").get("drift") or {}).get("kl_mean")
+    drift = (general.get("drift") or {}).get("kl_mean")
     if drift is not None:
         out["drift_kl"] = drift
     for part in ("general", "indomain"):
